@@ -1,0 +1,33 @@
+"""napari-segdiff: diffusion-model segmentation (SegDiff, Amit et al.) for napari and scripts.
+
+>>> import napari_segdiff
+>>> result = napari_segdiff.segment(image)            # shipped default model
+>>> result.probability, result.variance, result.mask
+"""
+from ._errors import Cancelled, ModelFileError, SegDiffError
+from .config import PRESETS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig, get_preset
+from .engine import Progress, SegmentationResult, available_devices, iter_segment, segment
+from .models import DEFAULT_MODEL, SegDiffModel, list_models, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "segment",
+    "iter_segment",
+    "load_model",
+    "list_models",
+    "DEFAULT_MODEL",
+    "SegDiffModel",
+    "NetworkConfig",
+    "SamplingConfig",
+    "TilingConfig",
+    "SegmentConfig",
+    "PRESETS",
+    "get_preset",
+    "Progress",
+    "SegmentationResult",
+    "available_devices",
+    "SegDiffError",
+    "ModelFileError",
+    "Cancelled",
+]

@@ -1,0 +1,13 @@
+"""The project's own error type: every refusal of bad input raises it (or a subclass)."""
+
+
+class SegDiffError(ValueError):
+    """A problem with the input, the model or the settings, with a message naming the fix."""
+
+
+class ModelFileError(SegDiffError):
+    """A model file is missing, corrupted, of another architecture or fails its checksum."""
+
+
+class Cancelled(Exception):
+    """Raised inside a run when the caller asked it to stop."""

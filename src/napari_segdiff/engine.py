@@ -1,0 +1,254 @@
+"""The one road all segmentation takes: ``iter_segment`` yields progress per tile and, last, the result.
+
+Per batch of tiles: G(I) once, repeated for the N samples, then T' reverse steps of the whole
+(tiles x samples) batch; each tile's per-pixel sample mean and second moment go to the streaming
+blender. Noise comes from one generator per tile seeded from (seed, tile index), so results do not
+depend on batch size or on which process ran the tile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ._errors import SegDiffError
+from .config import SamplingConfig, SegmentConfig, TilingConfig
+from .models import SegDiffModel, load_model
+from .tiling import StreamingBlender, Window, iter_windows, taper_weights, window_grid
+from .transforms import Intensity, as_hwc, intensity_range, to_chw
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Emitted after each finished tile."""
+
+    done: int
+    total: int
+    elapsed: float
+
+    @property
+    def fraction(self) -> float:
+        return self.done / max(self.total, 1)
+
+
+@dataclass
+class SegmentationResult:
+    """probability = mean of the N samples (in [0, 1]); variance = their per-pixel variance
+    (in [0, 0.25]); mask = probability > threshold. Arrays are numpy, or zarr when ``out`` was given."""
+
+    probability: Any
+    variance: Any
+    mask: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU. An explicit device that is absent is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SegDiffError(f"device {device!r} was asked for but this torch has no CUDA device "
+                           f"(torch {torch.__version__}); use device='auto' or 'cpu'")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SegDiffError("device 'mps' was asked for but is not available here; use device='auto' or 'cpu'")
+    return torch.device(device)
+
+
+def available_devices() -> list[str]:
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def tile_seed(seed: int, index: int) -> int:
+    return (int(seed) * 1_000_003 + int(index) * 7919 + 12345) % (2**63 - 1)
+
+
+class TileSampler:
+    """Samples batches of tiles with one model: the unit a worker process holds."""
+
+    def __init__(self, model: SegDiffModel, sampling: SamplingConfig, device: torch.device,
+                 autocast_bf16: bool = False):
+        self.model = model
+        self.sampling = sampling
+        self.device = device
+        self.autocast_bf16 = autocast_bf16
+        self.network_evaluations = 0
+        self.encoder_evaluations = 0
+
+    def __call__(self, images: np.ndarray, indices: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """images: (B, C, h, w) in [-1, 1]. Returns per-tile sample mean and second moment (B, h, w)."""
+        s = self.sampling
+        net, diff = self.model.net, self.model.diffusion
+        B, _, h, w = images.shape
+        N = s.samples
+        gens = [torch.Generator().manual_seed(tile_seed(seed, i)) for i in indices]
+
+        def noise_fn(shape):  # per-tile generators: batching does not change the noise
+            return torch.cat([torch.randn((N, 1, h, w), generator=g) for g in gens])
+
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast_bf16 else _nullctx()
+        with torch.inference_mode(), ctx:
+            x_img = torch.from_numpy(images).to(self.device)
+            feats = net.encode_image(x_img)  # G(I): once per tile, reused by every step and sample
+            self.encoder_evaluations += B
+            feats = feats.repeat_interleave(N, dim=0)
+
+            def model_fn(x_t, t):
+                self.network_evaluations += 1
+                return net(x_t, t, features=feats)
+
+            x0 = diff.sample(model_fn, (B * N, 1, h, w), steps=s.steps, sampler=s.sampler, eta=s.eta,
+                             device=self.device, noise_fn=noise_fn)
+        p = ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, h, w).cpu().numpy()
+        return p.mean(axis=1), (p * p).mean(axis=1)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _make_outputs(shape, out, tile):
+    if out is None:
+        return (np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(shape, bool))
+    import zarr
+
+    if isinstance(out, (str, os.PathLike)):
+        group = zarr.open_group(str(out), mode="w")
+    else:
+        group = out
+    chunks = (min(tile, shape[0]), min(tile * 4, shape[1]))
+    return tuple(
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dt) if hasattr(group, "create_array")
+        else group.create_dataset(name, shape=shape, chunks=chunks, dtype=dt)
+        for name, dt in (("probability", "f4"), ("variance", "f4"), ("mask", "bool"))
+    )
+
+
+def iter_segment(
+    image,
+    model: SegDiffModel | str | os.PathLike | None = None,
+    *,
+    samples: int | None = None,
+    steps: int | None | str = "default",
+    sampler: str | None = None,
+    eta: float | None = None,
+    seed: int | None | str = "default",
+    threshold: float | None = None,
+    tile: int | None = None,
+    overlap: float | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    config: SegmentConfig | None = None,
+    out=None,
+    client=None,
+    autocast_bf16: bool = False,
+) -> Iterator[Progress | SegmentationResult]:
+    """Segment a 2-D grey or RGB(A) image (numpy, dask or zarr), yielding :class:`Progress` per tile
+    and finally a :class:`SegmentationResult`. Keyword arguments override ``config``; a model's own
+    recommended sampling settings (``meta['sampling']``) are the defaults for a shipped model."""
+    t_start = time.perf_counter()
+    dev = resolve_device(device or (config.device if config else "auto"))
+    mdl = load_model(model, device=dev)
+    cfg = config or _default_config(mdl)
+    s_over = {k: v for k, v in dict(samples=samples, sampler=sampler, eta=eta, threshold=threshold).items()
+              if v is not None}
+    if steps != "default":
+        s_over["steps"] = steps
+    if seed != "default":
+        s_over["seed"] = seed
+    sampling = dataclasses.replace(cfg.sampling, **s_over)
+    if sampling.steps is not None and sampling.steps > mdl.diffusion.T:
+        raise SegDiffError(f"steps must be between 1 and {mdl.diffusion.T} (the model's diffusion steps), "
+                           f"got {sampling.steps}")
+    t_over = {k: v for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size).items() if v is not None}
+    tiling = dataclasses.replace(cfg.tiling, **t_over)
+    f = mdl.config.downsample_factor
+    if tiling.tile % f:
+        raise SegDiffError(f"tile {tiling.tile} must be a multiple of {f}, the downsampling factor of model "
+                           f"{mdl.name!r}; e.g. tile={max(f, tiling.tile // f * f)}")
+    run_seed = secrets.randbits(31) if sampling.seed is None else int(sampling.seed)
+
+    arr = as_hwc(image, mdl.config.in_channels)
+    H, W = int(arr.shape[0]), int(arr.shape[1])
+    scale = intensity_range(arr)
+    windows = window_grid((H, W), tiling.tile, tiling.stride)
+    weights = taper_weights(tiling.tile, tiling.tile - tiling.stride)
+    prob, var, mask = _make_outputs((H, W), out, tiling.tile)
+    thr = sampling.threshold
+
+    def emit(y0, y1, m, v):
+        prob[y0:y1] = m
+        var[y0:y1] = v
+        mask[y0:y1] = m > thr
+
+    blender = StreamingBlender((H, W), tiling.tile, weights, emit)
+    info = {
+        "model": mdl.name, "sha256": mdl.sha256, "samples": sampling.samples,
+        "steps": sampling.steps if sampling.steps is not None else mdl.diffusion.T,
+        "sampler": sampling.sampler, "seed": run_seed, "threshold": thr, "tile": tiling.tile,
+        "overlap": tiling.overlap, "device": str(dev), "tiles": len(windows),
+    }
+    if client is not None:
+        from ._distributed import distributed_tiles
+
+        results = distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, run_seed)
+        evals = None
+    else:
+        runner = TileSampler(mdl, sampling, dev, autocast_bf16=autocast_bf16)
+        results = _local_tiles(runner, arr, scale, windows, tiling, run_seed)
+    done = 0
+    for win, m, s2 in results:
+        blender.add(win, m, s2)
+        done += 1
+        yield Progress(done, len(windows), time.perf_counter() - t_start)
+    blender.finish()
+    if client is None:
+        info["network_evaluations"] = runner.network_evaluations
+        info["encoder_evaluations"] = runner.encoder_evaluations
+    info["seconds"] = round(time.perf_counter() - t_start, 3)
+    yield SegmentationResult(prob, var, mask, info)
+
+
+def _local_tiles(runner: TileSampler, arr, scale: Intensity, windows: list[Window], tiling: TilingConfig, seed: int):
+    batch: list[tuple[Window, np.ndarray]] = []
+    for item in iter_windows(arr, windows, tiling.tile):
+        batch.append(item)
+        if len(batch) == tiling.batch_size or item[0].index == windows[-1].index:
+            imgs = np.stack([to_chw(scale.apply(b)) for _, b in batch])
+            means, seconds = runner(imgs, [w.index for w, _ in batch], seed)
+            for (win, _), m, s2 in zip(batch, means, seconds):
+                yield win, m, s2
+            batch = []
+
+
+def _default_config(mdl: SegDiffModel) -> SegmentConfig:
+    rec = mdl.meta.get("sampling") or {}
+    sampling = SamplingConfig(**{k: v for k, v in rec.items() if k in ("samples", "steps", "sampler", "eta")})
+    return SegmentConfig(sampling=sampling)
+
+
+def segment(image, model=None, **kwargs) -> SegmentationResult:
+    """Segment a 2-D image and return the result (drains :func:`iter_segment`)."""
+    result = None
+    for item in iter_segment(image, model, **kwargs):
+        result = item
+    assert isinstance(result, SegmentationResult)
+    return result

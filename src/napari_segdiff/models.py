@@ -1,0 +1,174 @@
+"""Model files: the shipped-model registry, safe loading (``weights_only=True``) and atomic saving.
+
+A model file is a ``torch.save`` of plain containers and tensors only::
+
+    {"format": "napari-segdiff-model", "version": 1, "config": {...NetworkConfig...},
+     "state_dict": {...}, "meta": {...}}
+
+so it loads with ``torch.load(weights_only=True)``: a pickle that tries to run code is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._errors import ModelFileError, SegDiffError
+from .config import PRESETS, NetworkConfig, get_preset
+from .diffusion import Diffusion
+from .network import SegDiffNet
+
+FORMAT = "napari-segdiff-model"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+REGISTRY_FILE = WEIGHTS_DIR / "models.json"
+#: the model ``segment(image)`` uses when none is named
+DEFAULT_MODEL = "nuclei-he"
+
+
+@dataclass
+class SegDiffModel:
+    """A network, its diffusion and where it came from."""
+
+    net: SegDiffNet
+    diffusion: Diffusion
+    name: str = "untrained"
+    sha256: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> NetworkConfig:
+        return self.net.config
+
+    @classmethod
+    def from_config(cls, config: NetworkConfig | str, name: str | None = None, seed: int = 0) -> "SegDiffModel":
+        """A freshly initialised (untrained) model, e.g. for tests or training."""
+        if isinstance(config, str):
+            name = name or config
+            config = get_preset(config)
+        torch.manual_seed(seed)
+        net = SegDiffNet(config).eval()
+        return cls(net, Diffusion.from_config(config), name or "untrained")
+
+    def to(self, device: torch.device | str) -> "SegDiffModel":
+        self.net.to(device)
+        return self
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _registry() -> dict[str, dict[str, Any]]:
+    if not REGISTRY_FILE.exists():
+        return {}
+    return json.loads(REGISTRY_FILE.read_text())
+
+
+def list_models() -> dict[str, str]:
+    """Shipped models by name, with a one-line description."""
+    return {name: entry.get("description", "") for name, entry in _registry().items()}
+
+
+def atomic_write_bytes(path: str | os.PathLike, write) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over ``path``.
+    A failure (disk full, Ctrl-C) leaves any previous file untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: SegDiffModel | SegDiffNet, path: str | os.PathLike, *, half: bool = True,
+               meta: dict[str, Any] | None = None) -> str:
+    """Write an inference file atomically (fp16 floats by default); returns its sha256."""
+    net = model.net if isinstance(model, SegDiffModel) else model
+    state = {}
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu()
+        state[k] = v.half() if half and v.is_floating_point() else v.clone()
+    payload = {"format": FORMAT, "version": 1, "config": net.config.to_dict(), "state_dict": state,
+               "meta": dict(meta or {})}
+    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+    return sha256_of(path)
+
+
+def _describe_mismatch(cfg: NetworkConfig) -> str:
+    for name, preset in PRESETS.items():
+        if preset == cfg:
+            return f"preset {name!r}"
+    return "a custom configuration"
+
+
+def load_model_file(path: str | os.PathLike, *, expected_sha256: str | None = None,
+                    name: str | None = None, device: str | torch.device = "cpu") -> SegDiffModel:
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model file {str(path)!r} does not exist; give a shipped model name "
+                             f"({', '.join(list_models()) or 'none installed'}) or the path of a .pt file "
+                             "written by `napari-segdiff-train export`")
+    digest = sha256_of(path)
+    if expected_sha256 and digest != expected_sha256:
+        raise ModelFileError(f"model file {str(path)!r} has sha256 {digest}, expected {expected_sha256}: the file "
+                             "is corrupted or was replaced; reinstall napari-segdiff to restore it")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, code-running pickle...
+        raise ModelFileError(f"cannot read model file {str(path)!r}: it is not a valid napari-segdiff model "
+                             f"file (truncated, corrupted, or not made by napari-segdiff): {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if isinstance(payload, dict) and "model" in payload and "format" not in payload:
+        raise ModelFileError(f"{str(path)!r} is a training checkpoint, not a model file; turn it into one with "
+                             "`napari-segdiff-train export RUN_DIR --name NAME`")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{str(path)!r} is not a napari-segdiff model file (no {FORMAT!r} header)")
+    try:
+        cfg = NetworkConfig.from_dict(payload["config"])
+    except SegDiffError as e:
+        raise ModelFileError(f"model file {str(path)!r} has an invalid config: {e}") from None
+    net = SegDiffNet(cfg)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelFileError(f"model file {str(path)!r} does not match its embedded architecture "
+                             f"({_describe_mismatch(cfg)}): {len(missing)} missing and {len(unexpected)} "
+                             f"unexpected weights, e.g. {(missing or unexpected)[:3]}")
+    net.eval().to(device)
+    meta = dict(payload.get("meta", {}))
+    return SegDiffModel(net, Diffusion.from_config(cfg), name or meta.get("name") or path.stem, digest, meta)
+
+
+def load_model(model: str | os.PathLike | SegDiffModel | None = None, device: str | torch.device = "cpu") -> SegDiffModel:
+    """A shipped model by name (checksum verified), a model file path, or a model passed through."""
+    if isinstance(model, SegDiffModel):
+        return model.to(device)
+    if model is None:
+        model = DEFAULT_MODEL
+    reg = _registry()
+    key = str(model)
+    if key in reg:
+        entry = reg[key]
+        return load_model_file(WEIGHTS_DIR / entry["file"], expected_sha256=entry.get("sha256"), name=key,
+                               device=device)
+    if Path(key).suffix or os.sep in key or Path(key).exists():
+        return load_model_file(key, device=device)
+    raise ModelFileError(f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}, "
+                         "or give the path of a model file")

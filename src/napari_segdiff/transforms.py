@@ -1,0 +1,89 @@
+"""Pure array functions that bring user images into the network's form. No torch.
+
+``as_hwc`` decides the layout (grey, RGB, RGBA, channel-first/last) without reading pixels; the
+intensity range is found once (streamed for lazy arrays) and every window is scaled with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+
+from ._errors import SegDiffError
+
+
+def as_hwc(image, in_channels: int = 3) -> da.Array:
+    """A lazy (H, W, C) dask view of a 2-D grey or RGB(A) image (channel-last or channel-first)."""
+    shape = tuple(getattr(image, "shape", ()))
+    if not shape:
+        raise SegDiffError("image must be an array with a shape (numpy, dask or zarr); got "
+                           f"{type(image).__name__}")
+    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=_chunks(image))
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    elif arr.ndim == 3:
+        if arr.shape[-1] not in (1, 3, 4) and arr.shape[0] in (1, 3, 4):
+            arr = arr.transpose(1, 2, 0)  # channel-first -> channel-last
+        if arr.shape[-1] not in (1, 3, 4):
+            raise SegDiffError(f"image of shape {shape} has {arr.shape[-1]} channels; napari-segdiff takes grey "
+                               "(H, W), RGB or RGBA (H, W, 3|4, or 3|4 first). Select or merge channels first.")
+    else:
+        raise SegDiffError(f"image of shape {shape} is not a single 2-D image; segment() takes (H, W) or "
+                           "(H, W, C). For stacks use the napari widget or the CLI, which go slice by slice, "
+                           "or loop over the leading axes.")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise SegDiffError(f"image of shape {shape} is empty; it needs at least 1x1 pixels")
+    if arr.dtype.kind not in "biuf":
+        raise SegDiffError(f"image dtype {arr.dtype} is not supported; use bool, integer or float pixels")
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]  # drop alpha
+    if arr.shape[-1] == 1 and in_channels == 3:
+        arr = da.concatenate([arr] * 3, axis=-1)
+    elif arr.shape[-1] == 3 and in_channels == 1:
+        arr = arr.mean(axis=-1, keepdims=True)
+    return arr
+
+
+def _chunks(image):
+    chunks = getattr(image, "chunks", None)
+    if isinstance(chunks, tuple) and len(chunks) == len(image.shape) and all(isinstance(c, int) for c in chunks):
+        return chunks  # zarr chunking
+    return tuple(min(s, 1024) if i < 2 else s for i, s in enumerate(image.shape)) or "auto"
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """Maps raw pixel values to [-1, 1] by ``(v - lo) / (hi - lo) * 2 - 1``."""
+
+    lo: float
+    hi: float
+
+    def apply(self, block: np.ndarray) -> np.ndarray:
+        x = (block.astype(np.float32) - np.float32(self.lo)) / np.float32(max(self.hi - self.lo, 1e-12))
+        return np.clip(x, 0.0, 1.0) * 2.0 - 1.0
+
+
+def intensity_range(arr: da.Array) -> Intensity:
+    """uint8 -> [0, 255]; bool -> [0, 1]; other integers -> [0, max]; floats -> [0, 1] when inside it,
+    else [min, max]. Non-finite floats are refused."""
+    kind = arr.dtype.kind
+    if kind == "b":
+        return Intensity(0.0, 1.0)
+    if arr.dtype == np.uint8:
+        return Intensity(0.0, 255.0)
+    lo, hi = (float(v) for v in da.compute(arr.min(), arr.max()))
+    if kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise SegDiffError("image contains NaN or infinite values; replace them first "
+                           "(e.g. numpy.nan_to_num(image)) or crop them away")
+    if kind in "iu":
+        if lo < 0:
+            return Intensity(lo, hi)
+        return Intensity(0.0, hi if hi > 0 else 1.0)
+    if lo >= 0.0 and hi <= 1.0:
+        return Intensity(0.0, 1.0)
+    return Intensity(lo, hi if hi > lo else lo + 1.0)
+
+
+def to_chw(block: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(block, -1, 0))
