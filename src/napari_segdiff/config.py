@@ -38,6 +38,9 @@ class NetworkConfig:
     rrdb_growth: int = 32
     time_embedding: Literal["learned", "sinusoidal"] = "learned"
     dropout: float = 0.0
+    # the network sees tiles resized by this factor (0.5: a 256 tile runs at 128 px), like cellpose's
+    # diameter rescaling; probability and variance are resized back. Training data is resized alike.
+    input_scale: float = 1.0
     # diffusion settings that a trained network is tied to
     diffusion_steps: int = 100
     beta_schedule: Literal["linear-scaled", "linear-paper"] = "linear-scaled"
@@ -64,6 +67,7 @@ class NetworkConfig:
         _check(self.image_size % self.downsample_factor == 0,
                f"image_size {self.image_size} must be a multiple of the network's downsampling "
                f"factor {self.downsample_factor}")
+        _check(0.0 < self.input_scale <= 4.0, f"input_scale must be in (0, 4], got {self.input_scale}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
     @property

@@ -93,7 +93,9 @@ class TileSampler:
         """images: (B, C, h, w) in [-1, 1]. Returns per-tile sample mean and second moment (B, h, w)."""
         s = self.sampling
         net, diff = self.model.net, self.model.diffusion
-        B, _, h, w = images.shape
+        B, _, h0, w0 = images.shape
+        scale = self.model.config.input_scale
+        h, w = (h0, w0) if scale == 1.0 else (int(round(h0 * scale)), int(round(w0 * scale)))
         N = s.samples
         gens = [torch.Generator().manual_seed(tile_seed(seed, i)) for i in indices]
 
@@ -103,6 +105,8 @@ class TileSampler:
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast_bf16 else _nullctx()
         with torch.inference_mode(), ctx:
             x_img = torch.from_numpy(images).to(self.device)
+            if (h, w) != (h0, w0):
+                x_img = torch.nn.functional.interpolate(x_img, size=(h, w), mode="area" if scale < 1 else "bilinear")
             feats = net.encode_image(x_img)  # G(I): once per tile, reused by every step and sample
             self.encoder_evaluations += B
             feats = feats.repeat_interleave(N, dim=0)
@@ -113,8 +117,12 @@ class TileSampler:
 
             x0 = diff.sample(model_fn, (B * N, 1, h, w), steps=s.steps, sampler=s.sampler, eta=s.eta,
                              device=self.device, noise_fn=noise_fn)
-        p = ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, h, w).cpu().numpy()
-        return p.mean(axis=1), (p * p).mean(axis=1)
+        p = ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, h, w)
+        mean, second = p.mean(dim=1, keepdim=True), (p * p).mean(dim=1, keepdim=True)
+        if (h, w) != (h0, w0):  # bilinear weights are convex: the moments stay a valid mixture
+            mean, second = (torch.nn.functional.interpolate(a, size=(h0, w0), mode="bilinear", align_corners=False)
+                            for a in (mean, second))
+        return mean[:, 0].cpu().numpy(), second[:, 0].cpu().numpy()
 
 
 class _nullctx:
@@ -181,9 +189,11 @@ def iter_segment(
     t_over = {k: v for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size).items() if v is not None}
     tiling = dataclasses.replace(cfg.tiling, **t_over)
     f = mdl.config.downsample_factor
-    if tiling.tile % f:
-        raise SegDiffError(f"tile {tiling.tile} must be a multiple of {f}, the downsampling factor of model "
-                           f"{mdl.name!r}; e.g. tile={max(f, tiling.tile // f * f)}")
+    f_tile = int(round(f / min(mdl.config.input_scale, 1.0)))
+    if tiling.tile % f_tile:
+        raise SegDiffError(f"tile {tiling.tile} must be a multiple of {f_tile} (the downsampling factor {f} of model "
+                           f"{mdl.name!r} at input scale {mdl.config.input_scale}); e.g. "
+                           f"tile={max(f_tile, tiling.tile // f_tile * f_tile)}")
     run_seed = secrets.randbits(31) if sampling.seed is None else int(sampling.seed)
 
     arr = as_hwc(image, mdl.config.in_channels)

@@ -1,0 +1,97 @@
+"""Paired augmentations (image and mask stay aligned), driven by an explicit numpy Generator.
+
+One affine warp per crop (rotation, scale, flips and crop position composed into one matrix, the
+image with bilinear and the mask with nearest interpolation, reflecting at the borders), then colour
+jitter on the image only. Presets follow the paper's section 5.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .._errors import SegDiffError
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation: tuple[float, float] = (-22.0, 22.0)  # degrees
+    scale: tuple[float, float] = (0.75, 1.25)
+    hflip: bool = True
+    vflip: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+
+AUGMENT_PRESETS = {
+    # MoNuSeg (as [45]): random 256 crops, flips, +-22 deg, scale 0.75-1.25, colour jitter
+    "monuseg": AugmentConfig((-22, 22), (0.75, 1.25), True, True, 0.2, 0.2, 0.2, 0.02),
+    # Vaihingen (as [7]): 0-360 deg, scale 0.75-1.5, h+v flips, jitter 0.6/0.5/0.4/0.025
+    "vaihingen": AugmentConfig((0, 360), (0.75, 1.5), True, True, 0.6, 0.5, 0.4, 0.025),
+    # Cityscapes (as [14]): scale 0.75-1.25, +-22 deg, horizontal flip
+    "cityscapes": AugmentConfig((-22, 22), (0.75, 1.25), True, False),
+    "none": AugmentConfig((0, 0), (1, 1), False, False),
+}
+
+
+def get_augment(name: str) -> AugmentConfig:
+    if name not in AUGMENT_PRESETS:
+        raise SegDiffError(f"unknown augmentation preset {name!r}; choose one of {sorted(AUGMENT_PRESETS)}")
+    return AUGMENT_PRESETS[name]
+
+
+def random_affine_crop(image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` x ``size`` crop of a randomly rotated/scaled/flipped view; mask stays aligned."""
+    H, W = mask.shape
+    ang = np.deg2rad(rng.uniform(*aug.rotation))
+    s = rng.uniform(*aug.scale)  # >1 zooms in
+    fy = -1.0 if aug.vflip and rng.random() < 0.5 else 1.0
+    fx = -1.0 if aug.hflip and rng.random() < 0.5 else 1.0
+    # output coord o (centred) -> input coord: c + R(ang) @ diag(fy, fx) @ o / s
+    R = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    M = R @ np.diag([fy, fx]) / s
+    half = size / 2.0
+    # choose the centre so the crop's extent stays mostly inside the image
+    ext = np.abs(M).sum(axis=1) * half
+    cy = rng.uniform(min(ext[0], H / 2), max(H - ext[0], H / 2))
+    cx = rng.uniform(min(ext[1], W / 2), max(W - ext[1], W / 2))
+    offset = np.array([cy, cx]) - M @ np.array([half - 0.5, half - 0.5])
+    img = np.stack([ndimage.affine_transform(image[..., c].astype(np.float32), M, offset, (size, size),
+                                             order=1, mode="mirror") for c in range(image.shape[-1])], -1)
+    msk = ndimage.affine_transform(mask.astype(np.uint8), M, offset, (size, size), order=0, mode="mirror") > 0
+    return img, msk
+
+
+def colour_jitter(img: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """img: float (h, w, 3) in [0, 255]. torchvision-like brightness/contrast/saturation/hue."""
+    x = img / 255.0
+    if aug.brightness:
+        x = x * rng.uniform(max(0, 1 - aug.brightness), 1 + aug.brightness)
+    if aug.contrast:
+        m = x.mean()
+        x = (x - m) * rng.uniform(max(0, 1 - aug.contrast), 1 + aug.contrast) + m
+    if aug.saturation:
+        g = x.mean(axis=-1, keepdims=True)
+        x = (x - g) * rng.uniform(max(0, 1 - aug.saturation), 1 + aug.saturation) + g
+    if aug.hue:
+        x = _hue_shift(np.clip(x, 0, 1), rng.uniform(-aug.hue, aug.hue))
+    return np.clip(x, 0.0, 1.0) * 255.0
+
+
+def _hue_shift(x: np.ndarray, h: float) -> np.ndarray:
+    # rotate chroma around the grey axis in YIQ space (a hue rotation by 2*pi*h)
+    t = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    a = 2 * np.pi * h
+    r = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    m = np.linalg.inv(t) @ r @ t
+    return np.clip(x @ m.T, 0, 1)
+
+
+def augment_pair(image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    img, msk = random_affine_crop(image, mask, size, aug, rng)
+    return colour_jitter(img, aug, rng), msk

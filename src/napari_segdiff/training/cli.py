@@ -1,0 +1,153 @@
+"""`napari-segdiff-train`: train, resume, export and evaluate SegDiff models.
+
+    napari-segdiff-train train --config training/nuclei-he/recipe.json [--key value ...]
+    napari-segdiff-train train --data DIR --preset cpu-small --out runs/x --net base_channels=48
+    napari-segdiff-train resume runs/x [--max-minutes 60]
+    napari-segdiff-train export runs/x --name my-model -o my-model.pt
+    napari-segdiff-train eval --model my-model.pt --data DIR [--names a,b] [--samples 5 --steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .._errors import SegDiffError
+from .trainer import TrainConfig
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip=("net",)) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                       type=type(f.default) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) else str,
+                       help=f"(default {f.default!r})")
+
+
+def _overrides(args) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and k != "net" and v is not None}
+
+
+def _net_overrides(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SegDiffError(f"--net takes key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = _parse_value(v)
+    return out
+
+
+def cmd_train(args) -> int:
+    from .trainer import Trainer
+
+    d: dict[str, Any] = {}
+    if args.config:
+        d.update(json.loads(Path(args.config).read_text()))
+    d.update(_overrides(args))
+    d["net"] = {**d.get("net", {}), **_net_overrides(args.net)}
+    cfg = TrainConfig.from_dict(d)
+    if Path(cfg.out, "last.pt").exists():
+        raise SegDiffError(f"{cfg.out} already holds a run; continue it with `napari-segdiff-train resume {cfg.out}` "
+                           "or choose another --out")
+    tr = Trainer(cfg)
+    print(f"training {cfg.preset} ({sum(p.numel() for p in tr.net.parameters()):,} parameters) on "
+          f"{len(tr.train_set)} images, validating on {len(tr.val_set)}; device {tr.device}; run dir {cfg.out}")
+    res = tr.fit()
+    print(f"stopped at step {res['step']}; best validation {cfg.select_metric} {res['best']:.4f}")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .trainer import Trainer
+
+    tr = Trainer.resume(args.run, **_overrides(args))
+    print(f"resuming {args.run} at step {tr.step}")
+    res = tr.fit()
+    print(f"stopped at step {res['step']}; best validation {tr.cfg.select_metric} {res['best']:.4f}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .trainer import export
+
+    sampling = {"samples": args.samples, "steps": args.steps}
+    out = args.output or f"{args.name}.pt"
+    path, sha, half = export(args.run, out, args.name, checkpoint=args.checkpoint, sampling=sampling,
+                             extra_meta={"description": args.description} if args.description else None)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {'fp16' if half else 'fp32'})\nsha256 {sha}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_folder
+
+    evaluate_folder(args.model, args.data, fmt=args.format, names=args.names, samples=args.samples,
+                    steps=args.steps, seed=args.seed, overlap=args.overlap, out_json=args.json,
+                    device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="napari-segdiff-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="start a training run")
+    t.add_argument("--config", help="a JSON recipe (e.g. training/nuclei-he/recipe.json); flags override it")
+    t.add_argument("--net", nargs="*", metavar="KEY=VALUE", help="network overrides, e.g. base_channels=48")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+    r = sub.add_parser("resume", help="continue a run exactly where its last checkpoint left it")
+    r.add_argument("run")
+    for k in ("max_steps", "max_minutes", "val_every", "ckpt_every", "device", "threads", "data"):
+        f = {f.name: f for f in dataclasses.fields(TrainConfig)}[k]
+        r.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
+                       type=type(f.default) if not isinstance(f.default, str) else str)
+    r.set_defaults(func=cmd_resume)
+    e = sub.add_parser("export", help="turn a run's best EMA checkpoint into an inference model file")
+    e.add_argument("run")
+    e.add_argument("--name", required=True)
+    e.add_argument("-o", "--output")
+    e.add_argument("--checkpoint", default="best.pt")
+    e.add_argument("--samples", type=int, default=5, help="recommended samples stored in the file")
+    e.add_argument("--steps", type=int, default=10, help="recommended steps stored in the file")
+    e.add_argument("--description")
+    e.set_defaults(func=cmd_export)
+    v = sub.add_parser("eval", help="evaluate a model on a folder (Dice, IoU, WCov, BoundF, calibration)")
+    v.add_argument("--model", default=None, help="shipped model name or model file (default: the default model)")
+    v.add_argument("--data", required=True)
+    v.add_argument("--format", default="folder")
+    v.add_argument("--names", default=None, help="comma-separated image names or a file listing them")
+    v.add_argument("--samples", type=int, default=None)
+    v.add_argument("--steps", type=int, default=None)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--overlap", type=float, default=None)
+    v.add_argument("--device", default="auto")
+    v.add_argument("--json", default=None, help="write the report here (default: next to nothing, print only)")
+    v.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SegDiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The SegDiff trainer: AdamW, EMA, warm-up, gradient accumulation, validation with the user-facing
+engine, atomic checkpoints (last + best) and exact resume (model, EMA, optimizer, step, RNG states).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._errors import SegDiffError
+from ..config import NetworkConfig, get_preset
+from ..diffusion import Diffusion
+from ..engine import resolve_device, segment
+from ..models import SegDiffModel, atomic_write_bytes, save_model
+from ..network import SegDiffNet, count_parameters
+from .augment import augment_pair, get_augment
+from .datasets import Sample, load_dataset, split_samples
+from .metrics import all_metrics
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; saved as ``config.json`` beside the checkpoints."""
+
+    data: str = ""
+    format: str = "folder"  # folder | monuseg | vaihingen
+    val: str = "0.2"  # fraction, comma-separated names, or a file of names
+    preset: str = "cpu-small"
+    net: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's NetworkConfig
+    augment: str = "monuseg"
+    crop: int = 128
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    max_steps: int = 100000
+    max_minutes: float = 0.0  # 0 = no wall-clock limit
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    val_every: int = 500
+    val_samples: int = 3
+    val_steps: int = 5
+    val_tile: int = 256
+    select_metric: str = "dice"  # the validation metric that picks the best checkpoint
+    ckpt_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"  # none | bf16 (CPU or GPU) | fp16 (GPU)
+    threads: int = 0  # 0 = torch default
+    out: str = "runs/run"
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise SegDiffError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        for k in ("crop", "batch_size", "grad_accum", "max_steps", "val_every", "ckpt_every"):
+            if int(getattr(self, k)) < 1:
+                raise SegDiffError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+    def network_config(self) -> NetworkConfig:
+        return get_preset(self.preset, **self.net)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise SegDiffError(f"unknown training config keys {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+def rescale_sample(s: Sample, scale: float) -> Sample:
+    if scale == 1.0:
+        return s
+    import torch.nn.functional as Fn
+
+    H, W = s.mask.shape
+    size = (max(1, int(round(H * scale))), max(1, int(round(W * scale))))
+    mode = "area" if scale < 1 else "bilinear"
+    img = Fn.interpolate(torch.from_numpy(np.moveaxis(s.image, -1, 0)[None].astype(np.float32)), size=size, mode=mode)
+    m = Fn.interpolate(torch.from_numpy(s.mask[None, None].astype(np.float32)), size=size, mode=mode)
+    return Sample(s.name, np.clip(np.moveaxis(img[0].numpy(), 0, -1) + 0.5, 0, 255).astype(np.uint8),
+                  m[0, 0].numpy() > 0.5)
+
+
+def _save_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, samples: list[Sample] | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.net_cfg = cfg.network_config()
+        if cfg.crop % self.net_cfg.downsample_factor:
+            raise SegDiffError(f"crop {cfg.crop} must be a multiple of {self.net_cfg.downsample_factor}")
+        samples = samples if samples is not None else load_dataset(cfg.data, cfg.format)
+        self.train_set, self.val_set = split_samples(samples, cfg.val, cfg.seed)
+        # the network works at input_scale: train on resized images; validation goes through the
+        # engine at full resolution (it resizes per tile), scored against the full-resolution masks
+        self.train_set = [rescale_sample(s, self.net_cfg.input_scale) for s in self.train_set]
+        self.aug = get_augment(cfg.augment)
+        torch.manual_seed(cfg.seed)
+        self.net = SegDiffNet(self.net_cfg).to(self.device)
+        self.ema = copy.deepcopy(self.net).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.diffusion = Diffusion.from_config(self.net_cfg)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.rng = np.random.default_rng(cfg.seed)  # data order and augmentation
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps and noise
+        self.step = 0
+        self.best = -math.inf
+        self._stop = False
+
+    # ------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+            "step": self.step, "best": self.best, "np_rng": self.rng.bit_generator.state,
+            "gen_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.to_dict(), "net_config": self.net_cfg.to_dict(),
+        }
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        self.net.load_state_dict(st["model"])
+        self.ema.load_state_dict(st["ema"])
+        self.opt.load_state_dict(st["opt"])
+        self.step, self.best = int(st["step"]), float(st["best"])
+        self.rng.bit_generator.state = st["np_rng"]
+        self.gen.set_state(st["gen_rng"])
+        torch.set_rng_state(st["torch_rng"])
+
+    def save_checkpoint(self, name: str = "last.pt") -> Path:
+        path = self.out / name
+        st = self.state()
+        atomic_write_bytes(path, lambda f: torch.save(st, f))
+        return path
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, samples: list[Sample] | None = None, **overrides) -> "Trainer":
+        run_dir = Path(run_dir)
+        ck = run_dir / "last.pt"
+        if not ck.exists():
+            raise SegDiffError(f"no checkpoint {ck} to resume from")
+        st = torch.load(ck, map_location="cpu", weights_only=True)
+        d = dict(st["config"])
+        d.update(overrides)
+        d["out"] = str(run_dir)
+        tr = cls(TrainConfig.from_dict(d), samples)
+        tr.load_state(st)
+        return tr
+
+    # ------------------------------------------------------------ one step
+    def make_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        imgs, masks = [], []
+        for _ in range(c.batch_size):
+            s = self.train_set[int(self.rng.integers(len(self.train_set)))]
+            img, m = augment_pair(s.image, s.mask, c.crop, self.aug, self.rng)
+            imgs.append(np.moveaxis(img, -1, 0) / 127.5 - 1.0)
+            masks.append(m[None].astype(np.float32) * 2.0 - 1.0)  # masks live in [-1, 1]
+        return (torch.from_numpy(np.stack(imgs).astype(np.float32)).to(self.device),
+                torch.from_numpy(np.stack(masks)).to(self.device))
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+
+    def train_step(self) -> float:
+        c = self.cfg
+        self.net.train()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)
+        for _ in range(c.grad_accum):
+            img, x0 = self.make_batch()
+            ctx = torch.autocast(self.device.type, dtype=amp) if amp else torch.autocast("cpu", enabled=False)
+            with ctx:
+                loss = self.diffusion.training_loss(lambda x, t: self.net(x, t, image=img), x0, generator=self.gen)
+            (loss / c.grad_accum).backward()
+            total += float(loss.detach()) / c.grad_accum
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), c.grad_clip)
+        self.opt.step()
+        self.step += 1
+        d = min(c.ema_decay, (1 + self.step) / (10 + self.step))  # EMA warm-up
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.net.parameters()):
+                pe.mul_(d).add_(p.detach(), alpha=1 - d)
+            for be, b in zip(self.ema.buffers(), self.net.buffers()):
+                be.copy_(b)
+        return total
+
+    # ------------------------------------------------------------ validation
+    def validate(self, net: SegDiffNet | None = None) -> dict[str, float]:
+        c = self.cfg
+        if not self.val_set:
+            return {}
+        model = SegDiffModel(net or self.ema, self.diffusion, name="validation")
+        rows = []
+        for s in self.val_set:
+            r = segment(s.image, model, samples=c.val_samples, steps=min(c.val_steps, self.diffusion.T),
+                        seed=c.seed, tile=c.val_tile, overlap=0.0, device=str(self.device))
+            rows.append(all_metrics(r.probability, s.mask))
+        return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+    # ------------------------------------------------------------ loop
+    def _log(self, row: dict[str, Any]) -> None:
+        path = self.out / "log.csv"
+        fields = ["step", "time", "loss", "lr", "val_dice", "val_iou", "val_wcov", "val_boundf",
+                  "val_calibration", "val_ece"]
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def _truncate_log(self) -> None:
+        """On resume, drop log rows written after the checkpoint (they will be written again)."""
+        path = self.out / "log.csv"
+        if not path.exists():
+            return
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r["step"]) <= self.step]
+        if len(keep) != len(rows):
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+                w.writeheader()
+                w.writerows(keep)
+
+    def plot(self) -> None:
+        try:
+            from .plots import plot_log
+
+            plot_log(self.out / "log.csv", self.out / "curves.png")
+        except Exception as e:  # plotting must never kill a run
+            print(f"[plot skipped: {e}]")
+
+    def _handle_signal(self, signum, frame):
+        self._stop = True
+
+    def fit(self, progress: bool = True, on_step=None) -> dict[str, Any]:
+        c = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        _save_json(self.out / "config.json", {**c.to_dict(), "network": self.net_cfg.to_dict(),
+                                               "train_images": [s.name for s in self.train_set],
+                                               "val_images": [s.name for s in self.val_set],
+                                               "parameters": count_parameters(self.net)})
+        self._truncate_log()
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in old:
+                signal.signal(s, self._handle_signal)
+        except ValueError:  # not in the main thread
+            old = {}
+        t0 = time.time()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=c.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        loss_ema = None
+        try:
+            while self.step < c.max_steps and not self._stop:
+                loss = self.train_step()
+                loss_ema = loss if loss_ema is None else 0.98 * loss_ema + 0.02 * loss
+                row: dict[str, Any] = {"step": self.step, "time": round(time.time() - t0, 2), "loss": loss,
+                                       "lr": self.lr_at(self.step - 1)}
+                if self.step % c.val_every == 0 or self.step == c.max_steps:
+                    metrics = self.validate()
+                    row.update({f"val_{k}": v for k, v in metrics.items()})
+                    score = metrics.get(c.select_metric, -loss_ema)
+                    if score > self.best:
+                        self.best = score
+                        self.save_checkpoint("best.pt")
+                    if bar is not None:
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                self._log(row)
+                if row.get("val_dice") is not None:
+                    self.plot()
+                if self.step % c.ckpt_every == 0:
+                    self.save_checkpoint()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_ema:.4f}")
+                if on_step is not None:
+                    on_step(self)
+                if c.max_minutes and (time.time() - t0) / 60 > c.max_minutes:
+                    break
+        finally:
+            self.save_checkpoint()  # also on Ctrl-C / SIGTERM: resume continues from here
+            if bar is not None:
+                bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        return {"step": self.step, "best": self.best}
+
+
+def export(run_dir: str | Path, out: str | Path, name: str, checkpoint: str = "best.pt",
+           sampling: dict[str, Any] | None = None, extra_meta: dict[str, Any] | None = None) -> tuple[Path, str, bool]:
+    """The EMA weights of a checkpoint as a small inference file. fp16 when its outputs stay within
+    1e-2 of fp32 on a probe input, else fp32. Returns (path, sha256, half)."""
+    run_dir = Path(run_dir)
+    ck = run_dir / checkpoint
+    if not ck.exists():
+        ck = run_dir / "last.pt"
+    st = torch.load(ck, map_location="cpu", weights_only=True)
+    cfg = NetworkConfig.from_dict(st["net_config"])
+    net = SegDiffNet(cfg)
+    net.load_state_dict(st["ema"])
+    net.eval()
+    half_net = copy.deepcopy(net)
+    for p in half_net.parameters():
+        p.data = p.data.half().float()
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    x = torch.randn(2, 1, cfg.image_size, cfg.image_size, generator=g)
+    t = torch.tensor([0, cfg.diffusion_steps // 2])
+    with torch.no_grad():
+        err = float((net(x, t, image=img) - half_net(x, t, image=img)).abs().max())
+    half = err < 1e-2
+    meta = {"name": name, "train_step": int(st["step"]), "best_val": float(st["best"]),
+            "fp16_max_abs_error": err, "sampling": sampling or {}, **(extra_meta or {})}
+    sha = save_model(net, out, half=half, meta=meta)
+    return Path(out), sha, half
