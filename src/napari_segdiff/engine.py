@@ -11,6 +11,7 @@ import dataclasses
 import os
 import secrets
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -50,6 +51,9 @@ class SegmentationResult:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU. An explicit device that is absent is an error."""
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda", "mps")
+                                           or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise SegDiffError(f"device must be one of auto, cpu, cuda, cuda:N, mps; got {device!r}")
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -71,6 +75,48 @@ def available_devices() -> list[str]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         out.append("mps")
     return out
+
+
+def estimate_sample_bytes(cfg, tile: int) -> int:
+    """Peak inference memory of one sample of one tile: activations (measured on CPU at about 66 bytes
+    per pixel per base channel for the cpu presets) plus the attention matrices of the attention levels."""
+    side = int(round(tile * cfg.input_scale))
+    conv = 70 * side * side * cfg.base_channels
+    levels = set(cfg.attention_levels) | {len(cfg.channel_mult) - 1}  # the bottleneck always attends
+    attn = max((cfg.num_heads * ((side // 2**lvl) ** 2) ** 2 * 4 * 2 for lvl in levels), default=0)
+    return int(conv + attn)
+
+
+def available_memory(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable cache too
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (ValueError, OSError, RuntimeError, IndexError):
+        pass
+    return None
+
+
+def fit_batch_size(cfg, tiling: TilingConfig, samples: int, device: torch.device) -> int:
+    """Tiles per batch that fit in 70% of free memory; refuses up front when one tile does not fit."""
+    need = estimate_sample_bytes(cfg, tiling.tile) * samples
+    avail = available_memory(device)
+    if avail is None:
+        return tiling.batch_size
+    budget = 0.7 * avail
+    if need > budget:
+        raise SegDiffError(f"one {tiling.tile}x{tiling.tile} tile with {samples} samples needs about {need / 2**30:.1f} GiB "
+                           f"but only {avail / 2**30:.1f} GiB is free on {device}; lower samples or tile")
+    fit = max(1, int(budget // need))
+    if fit < tiling.batch_size:
+        warnings.warn(f"batch_size lowered from {tiling.batch_size} to {fit} tiles to fit in free memory "
+                      f"({avail / 2**30:.1f} GiB on {device}; about {need / 2**30:.2f} GiB per tile)", stacklevel=3)
+        return fit
+    return tiling.batch_size
 
 
 def tile_seed(seed: int, index: int) -> int:
@@ -194,6 +240,7 @@ def iter_segment(
         raise SegDiffError(f"tile {tiling.tile} must be a multiple of {f_tile} (the downsampling factor {f} of model "
                            f"{mdl.name!r} at input scale {mdl.config.input_scale}); e.g. "
                            f"tile={max(f_tile, tiling.tile // f_tile * f_tile)}")
+    tiling = dataclasses.replace(tiling, batch_size=fit_batch_size(mdl.config, tiling, sampling.samples, dev))
     run_seed = secrets.randbits(31) if sampling.seed is None else int(sampling.seed)
 
     arr = as_hwc(image, mdl.config.in_channels)
@@ -214,13 +261,14 @@ def iter_segment(
         "model": mdl.name, "sha256": mdl.sha256, "samples": sampling.samples,
         "steps": sampling.steps if sampling.steps is not None else mdl.diffusion.T,
         "sampler": sampling.sampler, "seed": run_seed, "threshold": thr, "tile": tiling.tile,
-        "overlap": tiling.overlap, "device": str(dev), "tiles": len(windows),
+        "overlap": tiling.overlap, "batch_size": tiling.batch_size, "device": str(dev),
+        "tiles": len(windows),
     }
     if client is not None:
         from ._distributed import distributed_tiles
 
-        results = distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, run_seed)
-        evals = None
+        results = distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, run_seed,
+                                    device=device or (config.device if config else "auto"))
     else:
         runner = TileSampler(mdl, sampling, dev, autocast_bf16=autocast_bf16)
         results = _local_tiles(runner, arr, scale, windows, tiling, run_seed)

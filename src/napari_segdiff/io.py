@@ -12,6 +12,7 @@ import numpy as np
 
 from ._errors import SegDiffError
 
+WRITE_EXT = {".tif", ".tiff", ".zarr"}
 READ_EXT = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".zarr"}
 
 
@@ -71,6 +72,8 @@ def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike], overwr
         if _same_file(Path(i), out):
             raise SegDiffError(f"output {str(out)!r} is the input file; choose another output path "
                                "(napari-segdiff never writes over its input)")
+    if out.suffix.lower() not in WRITE_EXT:
+        raise SegDiffError(f"unknown output format {out.suffix!r} for {str(out)!r}; use .tif/.tiff or .zarr")
     if out.exists() and not overwrite:
         raise SegDiffError(f"output {str(out)!r} already exists; choose another path or pass --overwrite")
     return out

@@ -85,8 +85,9 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # opened by name: writers such as tifffile need ``f.name`` to be a path
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -118,6 +119,17 @@ def _describe_mismatch(cfg: NetworkConfig) -> str:
     return "a custom configuration"
 
 
+def _match_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """Name the preset whose parameter shapes a bare state_dict has (built on the meta device: no memory)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            ref = SegDiffNet(cfg).state_dict()
+        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+            return f"made for preset {name!r}"
+    return "of no known preset"
+
+
 def load_model_file(path: str | os.PathLike, *, expected_sha256: str | None = None,
                     name: str | None = None, device: str | torch.device = "cpu") -> SegDiffModel:
     path = Path(path)
@@ -138,6 +150,10 @@ def load_model_file(path: str | os.PathLike, *, expected_sha256: str | None = No
     if isinstance(payload, dict) and "model" in payload and "format" not in payload:
         raise ModelFileError(f"{str(path)!r} is a training checkpoint, not a model file; turn it into one with "
                              "`napari-segdiff-train export RUN_DIR --name NAME`")
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        match = _match_state_dict(payload)
+        raise ModelFileError(f"{str(path)!r} is a bare state_dict ({match}), not a napari-segdiff model file "
+                             "with its architecture embedded; save it with napari_segdiff.models.save_model(net, path)")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{str(path)!r} is not a napari-segdiff model file (no {FORMAT!r} header)")
     try:
@@ -146,10 +162,14 @@ def load_model_file(path: str | os.PathLike, *, expected_sha256: str | None = No
         raise ModelFileError(f"model file {str(path)!r} has an invalid config: {e}") from None
     net = SegDiffNet(cfg)
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError:  # shape mismatches
+        missing, unexpected = ["(shape mismatch)"], []
     if missing or unexpected:
         raise ModelFileError(f"model file {str(path)!r} does not match its embedded architecture "
-                             f"({_describe_mismatch(cfg)}): {len(missing)} missing and {len(unexpected)} "
+                             f"({_describe_mismatch(cfg)}; the weights are {_match_state_dict(state)}): "
+                             f"{len(missing)} missing and {len(unexpected)} "
                              f"unexpected weights, e.g. {(missing or unexpected)[:3]}")
     net.eval().to(device)
     meta = dict(payload.get("meta", {}))

@@ -26,8 +26,15 @@ def as_hwc(image, in_channels: int = 3) -> da.Array:
         if arr.shape[-1] not in (1, 3, 4) and arr.shape[0] in (1, 3, 4):
             arr = arr.transpose(1, 2, 0)  # channel-first -> channel-last
         if arr.shape[-1] not in (1, 3, 4):
-            raise SegDiffError(f"image of shape {shape} has {arr.shape[-1]} channels; napari-segdiff takes grey "
-                               "(H, W), RGB or RGBA (H, W, 3|4, or 3|4 first). Select or merge channels first.")
+            lead, last = shape[0], shape[-1]
+            if last <= 16:  # channel-last with an unsupported number of channels
+                raise SegDiffError(f"image of shape {shape} has {last} channels; napari-segdiff takes grey (H, W), "
+                                   "RGB or RGBA (H, W, 3|4, or 3|4 first). Select one channel or merge channels "
+                                   "into RGB first.")
+            raise SegDiffError(f"image of shape {shape} is either a stack of {lead} 2-D slices or a {lead}-channel "
+                               "channel-first image; segment() takes one grey/RGB/RGBA image. For a stack, loop "
+                               "over the slices (the napari widget and the CLI do this for you); for channels, "
+                               "select one or merge them into RGB.")
     else:
         raise SegDiffError(f"image of shape {shape} is not a single 2-D image; segment() takes (H, W) or "
                            "(H, W, C). For stacks use the napari widget or the CLI, which go slice by slice, "

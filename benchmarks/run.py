@@ -1,0 +1,320 @@
+"""napari-segdiff benchmarks: prints a table and writes JSON.
+
+    python benchmarks/run.py [--quick] [--only tile,images,scale,flops,bf16] [--json bench_out/results.json]
+
+1. tile:   the paper's Algorithm 1 done straightforwardly (G(I) recomputed at every step, the N samples
+           one after another) against the engine (G once per tile, the N samples as one batch), same
+           weights, same noise, same T and N, side by side; paper-size presets run a few steps and are
+           reported per step.
+2. images: whole RGB images (512, 1000, 4096) with the shipped default model and settings: seconds,
+           megapixels per minute, peak resident memory (each size in a fresh subprocess).
+3. scale:  a 20000x20000 RGB zarr store segmented into a zarr store with a tiny network and 1 step:
+           peak resident memory against the image size (flat = no whole-image arrays).
+4. flops:  FLOPs of one forward per preset (torch's FlopCounterMode) and achieved FLOP/s against a
+           measured fp32 matmul peak on the same machine.
+5. bf16:   bfloat16 autocast against fp32 for the default model: time and mask agreement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import napari_segdiff as ns
+from napari_segdiff.config import PRESETS, NetworkConfig, SamplingConfig, get_preset
+from napari_segdiff.engine import TileSampler, tile_seed
+from napari_segdiff.models import SegDiffModel, list_models
+from napari_segdiff.network import count_parameters
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def default_model() -> SegDiffModel:
+    if ns.DEFAULT_MODEL in list_models():
+        return ns.load_model(ns.DEFAULT_MODEL)
+    print(f"[shipped model {ns.DEFAULT_MODEL!r} not installed: timing an untrained cpu-small network]")
+    return SegDiffModel.from_config("cpu-small", name="cpu-small (untrained)")
+
+
+# ---------------------------------------------------------------------------------------- 1. tile
+def straightforward_sample(model: SegDiffModel, image: torch.Tensor, samples: int, steps: int | None, seed: int):
+    """Algorithm 1 as the public code runs it: each sample alone, G(I) inside every network call."""
+    net, diff = model.net, model.diffusion
+    h, w = image.shape[-2:]
+    g = torch.Generator().manual_seed(tile_seed(seed, 0))
+    outs = []
+    # draw the same noise as the engine: per step one (N, 1, h, w) tensor from the tile's generator
+    noises: list[torch.Tensor] = []
+    sched = diff.sampling_schedule(steps)
+
+    def noise_for(k):
+        while len(noises) <= k:
+            noises.append(torch.randn((samples, 1, h, w), generator=g))
+        return noises[k]
+
+    for j in range(samples):
+        calls = iter(range(sched.num_steps + 1))
+        x = diff.sample(lambda x_t, t: net(x_t, t, image=image), (1, 1, h, w), steps=steps,
+                        noise_fn=lambda s: noise_for(next(calls))[j:j + 1])
+        outs.append(x)
+    p = ((torch.cat(outs).clamp(-1, 1) + 1) / 2)[:, 0].numpy()
+    return p.mean(0), (p * p).mean(0)
+
+
+def bench_tile(model: SegDiffModel, samples: int, steps: int, tile: int, label: str) -> dict:
+    img = torch.rand(1, model.config.in_channels, tile, tile) * 2 - 1
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        ref_m, ref_s = straightforward_sample(model, img, samples, steps, seed=0)
+        t_naive = time.perf_counter() - t0
+        runner = TileSampler(model, SamplingConfig(samples=samples, steps=steps, seed=0), torch.device("cpu"))
+        t0 = time.perf_counter()
+        m, s = runner(img.numpy(), [0], seed=0)
+        t_engine = time.perf_counter() - t0
+    return {"model": label, "tile": tile, "samples": samples, "steps": steps,
+            "straightforward_s": t_naive, "engine_s": t_engine, "speedup": t_naive / t_engine,
+            "straightforward_s_per_step": t_naive / steps, "engine_s_per_step": t_engine / steps,
+            "max_abs_diff_mean": float(np.abs(m[0] - ref_m).max())}
+
+
+# ---------------------------------------------------------------------------------------- 2. images
+IMAGE_CHILD = r"""
+import json, resource, sys, time
+import numpy as np, torch
+import napari_segdiff as ns
+from napari_segdiff.models import SegDiffModel, list_models
+size = int(sys.argv[1])
+rng = np.random.default_rng(0)
+base = np.asarray(__import__('skimage.io', fromlist=['imread']).imread(sys.argv[2]))[..., :3]
+reps = -(-size // base.shape[0])
+img = np.tile(base, (reps, reps, 1))[:size, :size]   # real H&E texture, tiled up to size
+model = ns.load_model(ns.DEFAULT_MODEL) if ns.DEFAULT_MODEL in list_models() else SegDiffModel.from_config('cpu-small')
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+res = ns.segment(img, model)
+dt = time.perf_counter() - t0
+print(json.dumps({"size": size, "seconds": dt, "mpx_per_min": size * size / 1e6 / dt * 60,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_mb": r0 / 1024, "tiles": res.info["tiles"], "samples": res.info["samples"],
+                  "steps": res.info["steps"], "network_evaluations": res.info["network_evaluations"],
+                  "model": res.info["model"]}))
+"""
+
+
+def bench_images(sizes) -> list[dict]:
+    sample = Path(ns.__file__).parent.parent.parent / "sample_data" / "nuclei_he.png"
+    if not sample.exists():
+        from importlib.resources import files
+
+        sample = Path(str(files("napari_segdiff.sample_data") / "nuclei_he.png"))
+    rows = []
+    for size in sizes:
+        out = subprocess.run([sys.executable, "-c", IMAGE_CHILD, str(size), str(sample)], capture_output=True,
+                             text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  image {size}x{size}: {rows[-1]['seconds']:.1f} s")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- 3. scale
+SCALE_CHILD = r"""
+import json, resource, sys, time, threading
+import numpy as np, zarr, dask.array as da
+import napari_segdiff as ns
+from napari_segdiff.config import NetworkConfig
+from napari_segdiff.models import SegDiffModel
+src, dst, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = NetworkConfig(image_size=256, base_channels=8, channel_mult=(1, 1, 1, 1, 1), num_res_blocks=1, rrdb_blocks=0,
+                    rrdb_width=8, rrdb_growth=8, attention_resolutions=(), num_heads=1, diffusion_steps=10,
+                    parameterization="x0")
+model = SegDiffModel.from_config(cfg, name="scale-probe")
+img = da.from_zarr(zarr.open_array(src, mode="r"))
+peak = [0]
+def watch():
+    while True:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS'):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+        time.sleep(0.2)
+threading.Thread(target=watch, daemon=True).start()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+res = ns.segment(img, model, samples=1, steps=1, overlap=0.0, batch_size=8, out=dst)
+dt = time.perf_counter() - t0
+print(json.dumps({"size": size, "seconds": dt, "tiles": res.info["tiles"], "rss_before_mb": r0 / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "whole_image_float32_mb": size * size * 4 / 2**20}))
+"""
+
+
+def make_zarr(path: str, size: int, chunk: int = 1024) -> None:
+    import zarr
+
+    z = zarr.open_array(path, mode="w", shape=(size, size, 3), chunks=(chunk, chunk, 3), dtype="u1")
+    rng = np.random.default_rng(0)
+    block = (rng.random((chunk, chunk, 3)) * 255).astype(np.uint8)
+    for y in range(0, size, chunk):
+        for x in range(0, size, chunk):
+            z[y:y + chunk, x:x + chunk] = block[: min(chunk, size - y), : min(chunk, size - x)]
+
+
+def bench_scale(sizes) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("SEGDIFF_BENCH_TMP")) as d:
+        for size in sizes:
+            src, dst = f"{d}/in_{size}.zarr", f"{d}/out_{size}.zarr"
+            make_zarr(src, size)
+            out = subprocess.run([sys.executable, "-c", SCALE_CHILD, src, dst, str(size)], capture_output=True,
+                                 text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  scale {size}: {rows[-1]['seconds']:.1f} s, peak {rows[-1]['peak_rss_mb']:.0f} MB")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- 4. flops
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def bench_flops(names) -> tuple[float, list[dict]]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from napari_segdiff.network import SegDiffNet
+
+    peak = matmul_peak()
+    rows = []
+    for name in names:
+        cfg = get_preset(name)
+        side = 256 if name.startswith("cpu") else cfg.image_size
+        net = SegDiffNet(cfg).eval()
+        img, x = torch.randn(1, cfg.in_channels, side, side), torch.randn(1, 1, side, side)
+        t = torch.zeros(1, dtype=torch.long)
+        with torch.inference_mode():
+            with FlopCounterMode(display=False) as fc:
+                net(x, t, image=img)
+            flops = fc.get_total_flops()
+            net(x, t, image=img)
+            t0 = time.perf_counter()
+            net(x, t, image=img)
+            dt = time.perf_counter() - t0
+        rows.append({"preset": name, "size": side, "parameters": count_parameters(net), "gflops": flops / 1e9,
+                     "forward_s": dt, "achieved_gflops_per_s": flops / dt / 1e9,
+                     "fraction_of_matmul_peak": flops / dt / peak})
+        print(f"  flops {name}: {flops / 1e9:.1f} GFLOP, {dt:.2f} s")
+    return peak, rows
+
+
+# ---------------------------------------------------------------------------------------- 5. bf16
+def bench_bf16(model: SegDiffModel, tile: int = 256) -> dict:
+    from skimage.io import imread
+
+    sample = Path(ns.__file__).parent.parent.parent / "sample_data" / "nuclei_he.png"
+    img = np.asarray(imread(sample))[:tile * 2, :tile * 2, :3] if sample.exists() else \
+        (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
+    t0 = time.perf_counter()
+    a = ns.segment(img, model, seed=0)
+    t32 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = ns.segment(img, model, seed=0, autocast_bf16=True)
+    t16 = time.perf_counter() - t0
+    return {"fp32_s": t32, "bf16_s": t16, "speedup": t32 / t16,
+            "mask_agreement": float((a.mask == b.mask).mean()),
+            "max_abs_prob_diff": float(np.abs(a.probability - b.probability).max())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    p.add_argument("--only", default="tile,images,scale,flops,bf16")
+    p.add_argument("--json", default="bench_out/results.json")
+    args = p.parse_args(argv)
+    parts = set(args.only.split(","))
+    res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(f"machine: {res['machine']}")
+    model = default_model()
+    res["default_model"] = {"name": model.name, "sha256": model.sha256,
+                            "sampling": model.meta.get("sampling", {})}
+    if "tile" in parts:
+        rows = []
+        s = model.meta.get("sampling", {})
+        N, T = (2, 3) if args.quick else (s.get("samples", 5), s.get("steps", 10))
+        rows.append(bench_tile(model, N, T, 256, model.name))
+        for name in ([] if args.quick else ["monuseg", "vaihingen"]):
+            m = SegDiffModel.from_config(name)
+            rows.append(bench_tile(m, 2, 2, 256, f"{name} (paper size, untrained)"))
+            print(f"  tile {name}: x{rows[-1]['speedup']:.1f}")
+        res["tile"] = rows
+    if "images" in parts:
+        res["images"] = bench_images([512] if args.quick else [512, 1000, 4096])
+    if "scale" in parts:
+        res["scale"] = bench_scale([2048] if args.quick else [2048, 20000])
+    if "flops" in parts:
+        peak, rows = bench_flops(["cpu-small", "cpu-medium"] + ([] if args.quick else ["monuseg", "cityscapes"]))
+        res["matmul_peak_gflops_per_s"] = peak / 1e9
+        res["flops"] = rows
+    if "bf16" in parts:
+        res["bf16"] = bench_bf16(model)
+    print_table(res)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def print_table(res: dict) -> None:
+    print(f"\n## napari-segdiff benchmarks ({res['date']})\nmachine: {res['machine']}\n")
+    for r in res.get("tile", []):
+        print(f"tile {r['tile']} {r['model']}: N={r['samples']} T'={r['steps']}: straightforward "
+              f"{r['straightforward_s']:.2f} s ({r['straightforward_s_per_step']:.2f} s/step), engine {r['engine_s']:.2f} s "
+              f"({r['engine_s_per_step']:.2f} s/step): x{r['speedup']:.1f} (same noise, max |diff| {r['max_abs_diff_mean']:.1e})")
+    for r in res.get("images", []):
+        print(f"image {r['size']}x{r['size']} ({r['model']}, N={r['samples']}, T'={r['steps']}, {r['tiles']} tiles): "
+              f"{r['seconds']:.1f} s, {r['mpx_per_min']:.2f} MPx/min, peak RSS {r['peak_rss_mb']:.0f} MB, "
+              f"{r['network_evaluations']} network evaluations")
+    for r in res.get("scale", []):
+        print(f"scale {r['size']}x{r['size']} zarr->zarr ({r['tiles']} tiles, 1 step): {r['seconds']:.0f} s, peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB (a whole-image float32 array would be {r['whole_image_float32_mb']:.0f} MB)")
+    if "flops" in res:
+        print(f"fp32 matmul peak: {res['matmul_peak_gflops_per_s']:.1f} GFLOP/s")
+        for r in res["flops"]:
+            print(f"forward {r['preset']} @{r['size']} ({r['parameters']:,} params): {r['gflops']:.1f} GFLOP in "
+                  f"{r['forward_s']:.2f} s = {r['achieved_gflops_per_s']:.1f} GFLOP/s "
+                  f"({100 * r['fraction_of_matmul_peak']:.0f}% of matmul peak)")
+    if "bf16" in res:
+        r = res["bf16"]
+        print(f"bf16 autocast vs fp32 (512x512): {r['fp32_s']:.1f} s vs {r['bf16_s']:.1f} s (x{r['speedup']:.2f}), "
+              f"mask agreement {100 * r['mask_agreement']:.2f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
