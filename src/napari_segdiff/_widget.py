@@ -1,0 +1,391 @@
+"""The napari face of napari-segdiff: the "SegDiff segmentation" dock widget.
+
+All magicgui/Qt code of the package lives in this module. The work itself is the library's
+:func:`napari_segdiff.iter_segment`, driven slice by slice by :func:`segment_stack` (a plain generator,
+no Qt) inside a napari thread worker.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import dask.array as da
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error
+from psygnal import Signal
+
+from ._errors import SegDiffError
+from .config import NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig
+from .engine import Progress, SegmentationResult, _default_config, available_devices, iter_segment, resolve_device
+from .models import SegDiffModel, list_models, load_model
+
+MODEL_FILE = "model file..."
+#: one source for defaults: the library's typed configs
+_SAMPLING, _TILING, _SEGMENT = SamplingConfig(), TilingConfig(), SegmentConfig()
+_MAX_SEED = 2**31 - 1
+MIN_DISTANCE = 5  # default smallest distance (px) between two instance centres
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure helpers (no Qt): stacks, instance labels
+
+
+@dataclass(frozen=True)
+class SliceProgress:
+    """One finished tile of slice ``index`` (0-based) out of ``slices``."""
+
+    index: int
+    slices: int
+    tile: Progress
+
+    @property
+    def done(self) -> int:
+        return self.index * self.tile.total + self.tile.done
+
+    @property
+    def total(self) -> int:
+        return self.slices * self.tile.total
+
+
+@dataclass
+class StackResult:
+    """Outputs with the stack's shape (leading axes + (H, W)); ``info`` as in SegmentationResult.info."""
+
+    probability: np.ndarray
+    variance: np.ndarray
+    labels: np.ndarray
+    info: dict[str, Any]
+    model: SegDiffModel
+
+
+def leading_shape(shape: tuple[int, ...], rgb: bool) -> tuple[int, ...]:
+    """The stack axes (T, Z, ...) in front of the 2-D plane (and the channel axis when ``rgb``)."""
+    n_plane = 3 if rgb else 2
+    if len(shape) < n_plane:
+        raise SegDiffError(f"image of shape {shape} is not an {'RGB ' if rgb else ''}image")
+    return tuple(shape[: len(shape) - n_plane])
+
+
+def _lazy(data):
+    """numpy and dask pass through; anything else (zarr, tiff stores) becomes a dask view so that a
+    slice of a stack stays lazy and the engine reads only its windows."""
+    if isinstance(data, (np.ndarray, da.Array)):
+        return data
+    chunks = getattr(data, "chunks", None)
+    ok = isinstance(chunks, tuple) and len(chunks) == data.ndim and all(isinstance(c, int) for c in chunks)
+    return da.from_array(data, chunks=chunks if ok else "auto")
+
+
+def split_instances(mask, min_distance: int = MIN_DISTANCE) -> np.ndarray:
+    """Split a binary mask into instance labels by a distance-transform watershed (int32, 0 = background).
+
+    Markers are the maxima of the distance to the background at least ``min_distance`` pixels apart;
+    a connected component that gets no marker keeps one label of its own.
+    """
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.measure import label
+    from skimage.segmentation import relabel_sequential, watershed
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros(mask.shape, np.int32)
+    distance = ndi.distance_transform_edt(mask)
+    components = label(mask)
+    peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components,
+                           exclude_border=False)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = watershed(-distance, markers, mask=mask).astype(np.int32)
+    missing = mask & (labels == 0)
+    labels[missing] = components[missing] + labels.max()
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def segment_stack(data, rgb: bool, model, *, instances: bool = False, min_distance: int = MIN_DISTANCE,
+                  **engine_kwargs) -> Iterator[SliceProgress]:
+    """Segment every 2-D (grey or RGB) plane of ``data`` with :func:`iter_segment`, yielding a
+    :class:`SliceProgress` per tile; the generator *returns* a :class:`StackResult`.
+
+    ``model``: a :class:`SegDiffModel`, shipped name or file path (loaded once for all slices).
+    ``engine_kwargs`` go to :func:`iter_segment` unchanged (samples, steps, seed, device, ...).
+    """
+    device = resolve_device(engine_kwargs.get("device") or _SEGMENT.device)
+    mdl = load_model(model, device=device)
+    data = _lazy(data)
+    lead = leading_shape(tuple(data.shape), rgb)
+    n = int(np.prod(lead, dtype=np.int64))
+    prob = var = labels = None
+    infos: list[dict[str, Any]] = []
+    for k, idx in enumerate(np.ndindex(*lead)):
+        result = None
+        for item in iter_segment(data[idx] if idx else data, mdl, **engine_kwargs):
+            if isinstance(item, SegmentationResult):
+                result = item
+            else:
+                yield SliceProgress(k, n, item)
+        if prob is None:
+            plane = tuple(result.probability.shape)
+            prob = np.zeros(lead + plane, np.float32)
+            var = np.zeros(lead + plane, np.float32)
+            labels = np.zeros(lead + plane, np.int32 if instances else np.uint8)
+        prob[idx] = result.probability
+        var[idx] = result.variance
+        labels[idx] = split_instances(result.mask, min_distance) if instances else result.mask
+        infos.append(result.info)
+    info = dict(infos[0])
+    info.update(seconds=round(sum(i["seconds"] for i in infos), 3), slices=n, instances=bool(instances))
+    return StackResult(prob, var, labels, info, mdl)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The widget
+
+
+class SegDiffWidget(Container):
+    """Segment the chosen image layer with a SegDiff diffusion model.
+
+    Settings default to the library's :class:`~napari_segdiff.SamplingConfig` and
+    :class:`~napari_segdiff.TilingConfig`; choosing a model sets *samples* and *steps* to that model's
+    recommended values (and caps *steps* at its diffusion steps), as :func:`napari_segdiff.segment` does.
+    *seed* -1 draws a random seed (recorded in the outputs' metadata).
+
+    **Run** segments in a background thread, slice by slice for stacks (any leading T/Z axes; for RGB the
+    last axis holds the channels), with a progress bar counting tiles. Dask/zarr-backed layers stay lazy,
+    and for a multiscale layer level 0 is segmented. **Cancel** stops between tiles; a cancelled run adds
+    no layer and changes none.
+
+    Outputs, with the input's scale and translate and the run's settings (model, sha256, samples, steps,
+    overlap, seed, device, seconds, ...) in each layer's ``metadata``:
+
+    - ``"<input> probability"``: Image, mean of the samples in [0, 1] (added hidden: toggle it on);
+    - ``"<input> variance"``: Image (magma, additive), per-pixel variance of the samples: the model's
+      uncertainty;
+    - ``"<input> mask"``: Labels, probability > threshold, or instance labels when *split instances* is on.
+
+    Running again on the same input **replaces the data of those three layers** when layers of those
+    names (and kinds) exist, keeping their display settings; otherwise it adds them.
+
+    For scripts and tests, :meth:`set_model` puts a :class:`~napari_segdiff.SegDiffModel` object in the
+    model list, :meth:`run` returns the worker, and two signals are emitted on the main thread:
+    ``progressed(SliceProgress)`` per tile and ``run_finished(str)`` at the end of every run (with the
+    status text: done, cancelled or error).
+    """
+
+    progressed = Signal(object)
+    run_finished = Signal(str)
+
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._models: dict[str, SegDiffModel] = {}  # loaded models by model-list entry (or file path)
+        self._in_memory: list[str] = []  # entries added by set_model
+        self._worker = None
+        self._pbar: progress | None = None
+        self._build()
+        self._on_model_change()
+
+    # -- layout ------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        self.image = ComboBox(label="image", choices=self._image_layers,
+                              tooltip="Image layer to segment (grey or RGB; stacks go slice by slice)")
+        self.model = ComboBox(label="model", choices=self._model_choices,
+                              tooltip="A shipped model, or 'model file...' for a .pt file from "
+                                      "`napari-segdiff-train export`")
+        self.model_file = FileEdit(label="model file", mode="r", filter="*.pt", visible=False)
+        self.samples = SpinBox(label="samples", value=_SAMPLING.samples, min=1, max=256,
+                               tooltip="N stochastic samples per pixel: their mean is the probability, "
+                                       "their variance the uncertainty")
+        self.steps = SpinBox(label="steps", value=_SAMPLING.steps, min=1, max=NetworkConfig().diffusion_steps,
+                             tooltip="Reverse diffusion steps per sample (at most the model's diffusion steps)")
+        self.tile = SpinBox(label="tile", value=_TILING.tile, min=8, max=4096, step=8,
+                            tooltip="Window size in pixels (a multiple of the model's downsampling factor)")
+        self.overlap = FloatSpinBox(label="tile overlap", value=_TILING.overlap, min=0.0, max=0.95, step=0.05,
+                                    tooltip="Overlap of neighbouring windows, as a fraction of the tile")
+        self.threshold = FloatSpinBox(label="threshold", value=_SAMPLING.threshold, min=0.0, max=1.0, step=0.05,
+                                      tooltip="mask = probability > threshold")
+        self.device = ComboBox(label="device", choices=available_devices(), value=_SEGMENT.device)
+        self.seed = SpinBox(label="seed", value=-1 if _SAMPLING.seed is None else _SAMPLING.seed, min=-1,
+                            max=_MAX_SEED, tooltip="Random seed of the sampling noise; -1 draws one")
+        self.instances = CheckBox(text="split instances (watershed)", value=False,
+                                  tooltip="Split the mask into instance labels by a distance-transform watershed")
+        self.min_distance = SpinBox(label="min distance", value=MIN_DISTANCE, min=1, max=1000, visible=False,
+                                    tooltip="Smallest distance in pixels between two instance centres")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="")
+        self.extend([self.image, self.model, self.model_file, self.samples, self.steps, self.tile, self.overlap,
+                     self.threshold, self.device, self.seed, self.instances, self.min_distance,
+                     self.run_button, self.cancel_button, self.status])
+        self.model.changed.connect(self._on_model_change)
+        self.model_file.changed.connect(self._on_model_change)
+        self.instances.changed.connect(lambda v: setattr(self.min_distance, "visible", bool(v)))
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+
+    def _image_layers(self, _widget=None) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _model_choices(self, _widget=None) -> list[str]:
+        return [*self._in_memory, *list_models(), MODEL_FILE]
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def set_model(self, model: SegDiffModel) -> str:
+        """Offer an in-memory model in the model list and select it; returns its list entry."""
+        key = f"{model.name} (in memory)"
+        self._models[key] = model
+        if key not in self._in_memory:
+            self._in_memory.insert(0, key)
+        self.model.reset_choices()
+        self.model.value = key
+        self._on_model_change()
+        return key
+
+    def _model_key(self) -> str:
+        """The chosen model: a model-list entry or a file path."""
+        if self.model.value != MODEL_FILE:
+            return self.model.value
+        path = str(self.model_file.value or "")
+        if not path or path == ".":
+            raise SegDiffError("choose a model file (.pt) or a shipped model")
+        return path
+
+    def _on_model_change(self, *_) -> None:
+        self.model_file.visible = self.model.value == MODEL_FILE
+        try:
+            key = self._model_key()
+        except SegDiffError:
+            return
+        try:
+            mdl = self._models.get(key) or load_model(key)
+        except SegDiffError as e:
+            self.status.value = f"model: {e}"
+            return
+        self._models[key] = mdl
+        rec = _default_config(mdl).sampling  # the model's recommended settings, as segment() uses
+        self.steps.max = mdl.diffusion.T
+        self.samples.value = rec.samples
+        self.steps.value = rec.steps if rec.steps is not None else mdl.diffusion.T
+        self.status.value = f"model {mdl.name}" + (f" ({mdl.sha256[:12]})" if mdl.sha256 else "")
+
+    # -- running -----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The widget's settings as :func:`iter_segment` keywords, validated by the library's configs."""
+        seed = secrets.randbits(31) if self.seed.value < 0 else int(self.seed.value)
+        sampling = SamplingConfig(samples=int(self.samples.value), steps=int(self.steps.value), seed=seed,
+                                  threshold=float(self.threshold.value))
+        tiling = TilingConfig(tile=int(self.tile.value), overlap=float(self.overlap.value))
+        cfg = SegmentConfig(sampling=sampling, tiling=tiling, device=str(self.device.value))
+        return dict(samples=sampling.samples, steps=sampling.steps, seed=sampling.seed,
+                    threshold=sampling.threshold, tile=tiling.tile, overlap=tiling.overlap, device=cfg.device)
+
+    def run(self, *_):
+        """Start segmenting the chosen layer in a thread worker; returns the worker (None if not started)."""
+        if self.running:
+            return self._worker
+        layer = self.image.value
+        if layer is None:
+            return self._fail("no image layer to segment: open an image first")
+        try:
+            key = self._model_key()
+            kwargs = self.engine_kwargs()
+            data = layer.data[0] if layer.multiscale else layer.data
+            leading_shape(tuple(data.shape), layer.rgb)
+        except SegDiffError as e:
+            return self._fail(str(e))
+        target = {"name": layer.name, "scale": np.array(layer.scale), "translate": np.array(layer.translate)}
+        worker = create_worker(segment_stack, data, bool(layer.rgb), self._models.get(key, key),
+                               instances=bool(self.instances.value), min_distance=int(self.min_distance.value),
+                               _start_thread=False, _ignore_errors=True, **kwargs)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda result: self._on_done(key, target, result))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._pbar = progress(total=0, desc=f"SegDiff {layer.name}")
+        self.run_button.enabled, self.cancel_button.enabled = False, True
+        self.status.value = f"segmenting {layer.name}..."
+        worker.start()
+        return worker
+
+    def cancel(self, *_) -> None:
+        """Stop the running segmentation after the tile in progress; nothing is added or changed."""
+        if self._worker is not None:
+            self.status.value = "cancelling..."
+            self._worker.quit()
+
+    def _fail(self, message: str) -> None:
+        self.status.value = f"error: {message}"
+        show_error(f"SegDiff: {message}")
+
+    def _on_progress(self, p: SliceProgress) -> None:
+        # napari's progress bar calls QApplication.processEvents(), so later signals (even `finished`) can
+        # be handled inside this call: write the status first and look the bar up again before each use
+        worker = self._worker
+        if worker is None or worker.abort_requested:
+            return
+        where = f"slice {p.index + 1}/{p.slices}, " if p.slices > 1 else ""
+        self.status.value = f"{where}tile {p.tile.done}/{p.tile.total}"
+        self.progressed.emit(p)
+
+        def bar() -> progress | None:
+            return self._pbar if self._worker is worker else None
+
+        if bar() is not None and bar().total != p.total:
+            bar().total = p.total
+        if bar() is not None and p.slices > 1 and p.tile.done == 1:
+            bar().set_description(f"SegDiff slice {p.index + 1}/{p.slices}")
+        if bar() is not None:
+            bar().update(p.done - bar().n)
+
+    def _on_error(self, exc: Exception) -> None:
+        self._fail(str(exc) if isinstance(exc, SegDiffError) else f"{type(exc).__name__}: {exc}")
+
+    def _on_finished(self) -> None:
+        if self._worker is not None and self._worker.abort_requested:
+            self.status.value = "cancelled: no layer was added or changed"
+        if self._pbar is not None:
+            self._pbar.close()
+        self._pbar = None
+        self._worker = None
+        self.run_button.enabled, self.cancel_button.enabled = True, False
+        self.run_finished.emit(self.status.value)
+
+    def _on_done(self, key: str, target: dict[str, Any], result: StackResult) -> None:
+        self._models.setdefault(key, result.model)
+        meta = {**result.info, "input": target["name"]}
+        geo = {"scale": target["scale"], "translate": target["translate"]}
+        name = target["name"]
+        self._put(Image, f"{name} probability", result.probability, meta, geo,
+                  {"colormap": "gray", "contrast_limits": (0.0, 1.0), "visible": False})
+        self._put(Image, f"{name} variance", result.variance, meta, geo,
+                  {"colormap": "magma", "blending": "additive"})
+        self._put(Labels, f"{name} mask", result.labels, meta, geo, {"opacity": 0.6})
+        self.status.value = (f"done: {meta['model']}, {meta['samples']} samples x {meta['steps']} steps, "
+                             f"{meta['seconds']:.1f} s")
+
+    def _put(self, kind, name: str, data, meta, geo, new_kwargs) -> None:
+        """Update the layer ``name`` of this kind in place, or add it."""
+        layers = self._viewer.layers
+        old = layers[name] if name in layers else None
+        if isinstance(old, kind):
+            old.data = data
+            old.scale, old.translate = geo["scale"], geo["translate"]
+            old.metadata = dict(meta)
+            if kind is Image and name.endswith("variance"):
+                old.reset_contrast_limits()
+            return
+        add = self._viewer.add_labels if kind is Labels else self._viewer.add_image
+        add(data, name=name, metadata=dict(meta), **geo, **new_kwargs)
