@@ -6,7 +6,7 @@
 """
 from ._errors import Cancelled, ModelFileError, SegDiffError
 from .config import PRESETS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig, get_preset
-from .engine import Progress, SegmentationResult, available_devices, iter_segment, segment
+from .engine import Progress, SegmentationResult, available_devices, iter_segment, recommended_config, segment
 from .models import DEFAULT_MODEL, SegDiffModel, list_models, load_model
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "Progress",
     "SegmentationResult",
     "available_devices",
+    "recommended_config",
     "SegDiffError",
     "ModelFileError",
     "Cancelled",

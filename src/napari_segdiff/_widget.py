@@ -21,7 +21,7 @@ from psygnal import Signal
 
 from ._errors import SegDiffError
 from .config import NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig
-from .engine import Progress, SegmentationResult, _default_config, available_devices, iter_segment, resolve_device
+from .engine import Progress, SegmentationResult, recommended_config, available_devices, iter_segment, resolve_device
 from .models import SegDiffModel, list_models, load_model
 
 MODEL_FILE = "model file..."
@@ -269,7 +269,7 @@ class SegDiffWidget(Container):
             self.status.value = f"model: {e}"
             return
         self._models[key] = mdl
-        rec = _default_config(mdl).sampling  # the model's recommended settings, as segment() uses
+        rec = recommended_config(mdl).sampling  # the model's recommended settings, as segment() uses
         self.steps.max = mdl.diffusion.T
         self.samples.value = rec.samples
         self.steps.value = rec.steps if rec.steps is not None else mdl.diffusion.T

@@ -221,7 +221,7 @@ def iter_segment(
     t_start = time.perf_counter()
     dev = resolve_device(device or (config.device if config else "auto"))
     mdl = load_model(model, device=dev)
-    cfg = config or _default_config(mdl)
+    cfg = config or recommended_config(mdl)
     s_over = {k: v for k, v in dict(samples=samples, sampler=sampler, eta=eta, threshold=threshold).items()
               if v is not None}
     if steps != "default":
@@ -297,10 +297,14 @@ def _local_tiles(runner: TileSampler, arr, scale: Intensity, windows: list[Windo
             batch = []
 
 
-def _default_config(mdl: SegDiffModel) -> SegmentConfig:
+def recommended_config(mdl: SegDiffModel) -> SegmentConfig:
+    """The settings ``segment()`` uses for a model when none are given: the sampling (and tiling)
+    recommended in its file's metadata (measured for the shipped models), else the config defaults."""
     rec = mdl.meta.get("sampling") or {}
     sampling = SamplingConfig(**{k: v for k, v in rec.items() if k in ("samples", "steps", "sampler", "eta")})
-    return SegmentConfig(sampling=sampling)
+    trec = mdl.meta.get("tiling") or {}
+    tiling = TilingConfig(**{k: v for k, v in trec.items() if k in ("tile", "overlap", "batch_size")})
+    return SegmentConfig(sampling=sampling, tiling=tiling)
 
 
 def segment(image, model=None, **kwargs) -> SegmentationResult:

@@ -33,12 +33,11 @@ def as_hwc(image, in_channels: int = 3) -> da.Array:
                                    "into RGB first.")
             raise SegDiffError(f"image of shape {shape} is either a stack of {lead} 2-D slices or a {lead}-channel "
                                "channel-first image; segment() takes one grey/RGB/RGBA image. For a stack, loop "
-                               "over the slices (the napari widget and the CLI do this for you); for channels, "
+                               "over the slices (the napari widget does this for you); for channels, "
                                "select one or merge them into RGB.")
     else:
         raise SegDiffError(f"image of shape {shape} is not a single 2-D image; segment() takes (H, W) or "
-                           "(H, W, C). For stacks use the napari widget or the CLI, which go slice by slice, "
-                           "or loop over the leading axes.")
+                           "(H, W, C). For stacks loop over the leading axes (the napari widget does this for you).")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise SegDiffError(f"image of shape {shape} is empty; it needs at least 1x1 pixels")
     if arr.dtype.kind not in "biuf":
