@@ -79,6 +79,16 @@ def list_models() -> dict[str, str]:
     return {name: entry.get("description", "") for name, entry in _registry().items()}
 
 
+def register_model(name: str, path: str | os.PathLike, sha256: str, description: str = "") -> None:
+    """Add or replace a shipped model in the registry (the file must lie in the weights folder)."""
+    path = Path(path).resolve()
+    if path.parent != WEIGHTS_DIR.resolve():
+        raise SegDiffError(f"shipped models live in {WEIGHTS_DIR}; {path} is elsewhere")
+    reg = _registry()
+    reg[name] = {"file": path.name, "sha256": sha256, "description": description}
+    atomic_write_bytes(REGISTRY_FILE, lambda f: f.write((json.dumps(reg, indent=2) + "\n").encode()))
+
+
 def atomic_write_bytes(path: str | os.PathLike, write) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over ``path``.
     A failure (disk full, Ctrl-C) leaves any previous file untouched."""

@@ -83,11 +83,22 @@ def cmd_resume(args) -> int:
 def cmd_export(args) -> int:
     from .trainer import export
 
+    from ..models import WEIGHTS_DIR
+
     sampling = {"samples": args.samples, "steps": args.steps}
-    out = args.output or f"{args.name}.pt"
+    tiling = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
+    out = args.output or (WEIGHTS_DIR / f"{args.name}.pt" if args.install else f"{args.name}.pt")
+    meta = {"tiling": tiling}
+    if args.description:
+        meta["description"] = args.description
     path, sha, half = export(args.run, out, args.name, checkpoint=args.checkpoint, sampling=sampling,
-                             extra_meta={"description": args.description} if args.description else None)
+                             extra_meta=meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {'fp16' if half else 'fp32'})\nsha256 {sha}")
+    if args.install:
+        from ..models import register_model
+
+        register_model(args.name, path, sha, args.description or "")
+        print(f"registered {args.name!r} as a shipped model")
     return 0
 
 
@@ -124,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=5, help="recommended samples stored in the file")
     e.add_argument("--steps", type=int, default=10, help="recommended steps stored in the file")
     e.add_argument("--description")
+    e.add_argument("--tile", type=int, default=None, help="recommended tile stored in the file")
+    e.add_argument("--overlap", type=float, default=None, help="recommended overlap stored in the file")
+    e.add_argument("--install", action="store_true",
+                   help="developers: write into the package's weights/ folder and register it by name")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("eval", help="evaluate a model on a folder (Dice, IoU, WCov, BoundF, calibration)")
     v.add_argument("--model", default=None, help="shipped model name or model file (default: the default model)")
