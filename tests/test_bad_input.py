@@ -389,3 +389,23 @@ def test_property_random_shapes_and_dtypes(model, h, w, layout, dtype, special):
     except SegDiffError:
         return  # the documented refusal
     _check_result(res, (h, w))
+
+
+def test_cli_processes_a_stack_slice_by_slice(model_file, tmp_path):
+    import tifffile
+
+    stack = (rng.random((5, 40, 50)) * 255).astype(np.uint8)  # 5 slices (3 or 4 would read as channel-first colour)
+    stack[1] = 0  # slices differ, so a result copied from one slice to all would show
+    inp, out = tmp_path / "stack.tif", tmp_path / "stack_result.zarr"
+    tifffile.imwrite(inp, stack)
+    assert cli_main(["segment", str(inp), "-o", str(out), "--model", str(model_file), "--samples", "2",
+                     "--steps", "2", "--tile", "32", "-q"]) == 0
+    import zarr
+
+    g = zarr.open_group(str(out), mode="r")
+    prob = np.asarray(g["probability"])
+    assert prob.shape == (5, 40, 50)
+    one = ns.segment(stack[2], ns.load_model(model_file),
+                     samples=2, steps=2, tile=32, seed=0)
+    np.testing.assert_allclose(prob[2], one.probability, atol=1e-5)
+    assert np.abs(prob[1] - prob[2]).max() > 1e-4

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from napari_segdiff import SamplingConfig, TilingConfig, available_devices, list_models, segment
-from napari_segdiff._widget import SegDiffWidget, SliceProgress, split_instances
+from napari_segdiff._widget import SegDiffWidget, SliceProgress
+from napari_segdiff.stacks import split_instances
 
 pytestmark = pytest.mark.gui
 

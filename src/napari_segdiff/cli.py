@@ -32,6 +32,8 @@ def cmd_segment(args) -> int:
         client = Client(args.scheduler)
     kw = {k: getattr(args, k) for k in ("samples", "steps", "seed", "tile", "overlap", "batch_size", "threshold",
                                          "sampler") if getattr(args, k) is not None}
+    if is_stack(image.shape):
+        return _segment_stack_cli(args, image, inp, out, client, kw)
     stream = out.suffix.lower() == ".zarr"
     tmp = None
     if stream:  # big images: stream straight into a temp zarr store, renamed when complete
@@ -69,6 +71,42 @@ def cmd_segment(args) -> int:
     print(f"wrote {out}: {info['tiles']} tiles, {info['samples']} samples x {info['steps']} steps, "
           f"model {info['model']}, {info['seconds']:.1f} s, foreground {float(result.mask[:].mean()):.3f}"
           if not stream else f"wrote {out}: {info['tiles']} tiles, model {info['model']}, {info['seconds']:.1f} s")
+    return 0
+
+
+def is_stack(shape: tuple[int, ...]) -> bool:
+    """(Z, H, W) grey or (..., H, W, 3|4) colour stacks; a (3|4, H, W) array is read as channel-first colour."""
+    if len(shape) >= 4:
+        return True
+    return len(shape) == 3 and shape[-1] not in (1, 3, 4) and shape[0] not in (1, 3, 4)
+
+
+def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
+    from tqdm import tqdm
+
+    from .engine import SegmentationResult
+    from .io import write_result
+    from .stacks import segment_stack
+
+    if client is not None:
+        raise SegDiffError("--scheduler works on 2-D images; run stacks without it (slices go one by one)")
+    rgb = image.shape[-1] in (3, 4)
+    gen = segment_stack(image, rgb, args.model, device=args.device, **kw)
+    bar = None
+    try:
+        while True:
+            p = next(gen)
+            if bar is None:
+                bar = tqdm(total=p.total, unit="tile", desc=inp.name, disable=args.quiet)
+            bar.update(p.done - bar.n)
+    except StopIteration as stop:
+        res = stop.value
+    finally:
+        if bar is not None:
+            bar.close()
+    result = SegmentationResult(res.probability, res.variance, res.labels > 0, res.info)
+    write_result(result, out, overwrite=args.overwrite, inputs=(inp,))
+    print(f"wrote {out}: {res.info['slices']} slices, model {res.info['model']}, {res.info['seconds']:.1f} s")
     return 0
 
 

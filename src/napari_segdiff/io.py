@@ -104,9 +104,10 @@ def write_result(result, out: str | os.PathLike, *, overwrite: bool = False, inp
         try:
             g = zarr.open_group(str(tmp), mode="w")
             for name in ("probability", "variance", "mask"):
-                arr = getattr(result, name)
-                g.create_array(name, data=np.asarray(arr), chunks=(256, 256)) if hasattr(g, "create_array") \
-                    else g.create_dataset(name, data=np.asarray(arr), chunks=(256, 256))
+                arr = np.asarray(getattr(result, name))
+                chunks = (1,) * (arr.ndim - 2) + tuple(min(256, s) for s in arr.shape[-2:])
+                g.create_array(name, data=arr, chunks=chunks) if hasattr(g, "create_array") \
+                    else g.create_dataset(name, data=arr, chunks=chunks)
             g.attrs.update(_jsonable(result.info))
             atomic_replace_dir(tmp, out)
         except BaseException:
