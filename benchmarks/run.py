@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 import napari_segdiff as ns
-from napari_segdiff.config import PRESETS, NetworkConfig, SamplingConfig, get_preset
+from napari_segdiff.config import SamplingConfig, get_preset
 from napari_segdiff.engine import TileSampler, tile_seed
 from napari_segdiff.models import SegDiffModel, list_models
 from napari_segdiff.network import count_parameters
