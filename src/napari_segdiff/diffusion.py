@@ -7,7 +7,7 @@ Masks live in [-1, 1]. The schedule is a small object holding float64 tables; th
 Beta scale: Eq. 14 taken literally for T=100 (betas 1e-4 .. 2e-2) leaves alpha_bar_T ~ 0.37, so x_T is
 far from the N(0, I) that sampling starts from. ``linear-scaled`` (the default, as the public SegDiff
 and guided-diffusion code) multiplies both ends by 1000/T, giving 1e-3 .. 2e-1 for T=100 and
-alpha_bar_T ~ 4e-5. ``linear-paper`` keeps Eq. 14 literally.
+alpha_bar_T ~ 2e-5. ``linear-paper`` keeps Eq. 14 literally.
 """
 from __future__ import annotations
 
@@ -70,6 +70,8 @@ class Schedule:
         if steps == self.num_steps:
             return self
         keep = np.unique(np.round(np.linspace(0, self.num_steps - 1, steps)).astype(int))
+        if steps == 1:  # one step goes from x_T straight to x_0: the model must see t = T, not t = 1
+            keep = np.array([self.num_steps - 1])
         abar = self.alpha_bar.numpy()[keep]
         new_betas = 1.0 - abar / np.append(1.0, abar[:-1])
         return Schedule(new_betas, self.timesteps[keep])

@@ -235,11 +235,18 @@ def iter_segment(
     t_over = {k: v for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size).items() if v is not None}
     tiling = dataclasses.replace(cfg.tiling, **t_over)
     f = mdl.config.downsample_factor
-    f_tile = int(round(f / min(mdl.config.input_scale, 1.0)))
-    if tiling.tile % f_tile:
-        raise SegDiffError(f"tile {tiling.tile} must be a multiple of {f_tile} (the downsampling factor {f} of model "
-                           f"{mdl.name!r} at input scale {mdl.config.input_scale}); e.g. "
-                           f"tile={max(f_tile, tiling.tile // f_tile * f_tile)}")
+    in_scale = mdl.config.input_scale
+
+    def _fits(t: int) -> bool:  # the network sees round(t * input_scale) pixels (TileSampler resizes)
+        return int(round(t * in_scale)) % f == 0 and int(round(t * in_scale)) >= f
+
+    if not _fits(tiling.tile):
+        good = next((t for t in range(tiling.tile, 7, -1) if _fits(t)), None) or \
+            next(t for t in range(tiling.tile, 1 << 20) if _fits(t))
+        what = f"tile {tiling.tile}" if in_scale == 1.0 else \
+            f"tile {tiling.tile} (resized to {int(round(tiling.tile * in_scale))} px at input scale {in_scale})"
+        raise SegDiffError(f"{what} must be a multiple of {f} (the downsampling factor of model {mdl.name!r}); "
+                           f"e.g. tile={good}")
     tiling = dataclasses.replace(tiling, batch_size=fit_batch_size(mdl.config, tiling, sampling.samples, dev))
     run_seed = secrets.randbits(31) if sampling.seed is None else int(sampling.seed)
 

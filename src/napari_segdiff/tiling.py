@@ -129,8 +129,23 @@ class StreamingBlender:
         self._flush_to(self.H)
 
 
-def iter_windows(image, windows: list[Window], tile: int) -> Iterator[tuple[Window, np.ndarray]]:
-    """Read each window from a numpy/dask/zarr (H, W, C) array and pad it to a full tile."""
-    for win in windows:
-        block = np.asarray(image[win.slices])
-        yield win, pad_to_tile(block, tile)
+def iter_windows(image, windows: list[Window], tile: int,
+                 span: int = 4096) -> Iterator[tuple[Window, np.ndarray]]:
+    """Read each window from a numpy/dask/zarr (H, W, C) array and pad it to a full tile.
+
+    Consecutive windows of one row are read together, one block of at most ``max(span, tile)`` columns
+    (one dask/zarr read per block instead of per window: with small tiles the per-read overhead of a
+    lazy array otherwise dominates), so memory stays one band of ``tile`` rows by ``span`` columns."""
+    i = 0
+    while i < len(windows):
+        first = windows[i]
+        j = i + 1
+        while (j < len(windows) and windows[j].y == first.y
+               and windows[j].x + windows[j].w - first.x <= max(span, tile)):
+            j += 1
+        group = windows[i:j]
+        x1 = max(w.x + w.w for w in group)
+        block = np.asarray(image[first.y:first.y + first.h, first.x:x1])
+        for win in group:
+            yield win, pad_to_tile(block[:, win.x - first.x:win.x - first.x + win.w], tile)
+        i = j

@@ -142,7 +142,10 @@ def split_samples(samples: list[Sample], val: str | float | list[str], seed: int
     if isinstance(val, str) and Path(val).is_file():
         val = [ln.strip() for ln in Path(val).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     elif isinstance(val, str):
-        val = [v for v in val.split(",") if v]
+        try:  # "0.2" (TrainConfig's default, and what the CLI passes) is a fraction, not a name
+            val = float(val) if val.strip() not in names else [val.strip()]
+        except ValueError:
+            val = [v for v in val.split(",") if v]
     if isinstance(val, (list, tuple)):
         unknown = sorted(set(val) - set(names))
         if unknown:

@@ -1,0 +1,119 @@
+"""Paired augmentations keep image and mask aligned."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_segdiff._errors import SegDiffError
+from napari_segdiff.training.augment import (AUGMENT_PRESETS, AugmentConfig, augment_pair, colour_jitter,
+                                             get_augment, random_affine_crop)
+
+
+def _blob_image(H=96, W=120, seed=0):
+    """Smooth blobs in the red channel (other channels unrelated); mask = red > 128."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:H, :W].astype(np.float64)
+    red = np.zeros((H, W))
+    for _ in range(8):
+        cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+        s = rng.uniform(5, 12)
+        red += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    red = 255 * np.clip(red, 0, 1)
+    green = 127 + 120 * np.sin(xx / 9.0)
+    blue = 127 + 120 * np.cos(yy / 7.0)
+    img = np.stack([red, green, blue], -1).astype(np.uint8)
+    return img, img[..., 0] > 128
+
+
+def _disagreement(img_out, mask_out, level=128.0):
+    """Fraction of pixels where the warped mask disagrees with the warped image thresholded, ignoring
+    pixels whose warped value is within a band around the level (bilinear vs nearest at edges)."""
+    red = img_out[..., 0]
+    clear = np.abs(red - level) > 25
+    return float(((red > level) != mask_out)[clear].mean()), float(clear.mean())
+
+
+@pytest.mark.parametrize("preset", ["monuseg", "vaihingen", "cityscapes", "none"])
+def test_random_affine_crop_keeps_alignment(preset):
+    img, mask = _blob_image()
+    aug = get_augment(preset)
+    for seed in range(25):
+        rng = np.random.default_rng(seed)
+        out_img, out_mask = random_affine_crop(img, mask, 48, aug, rng)
+        assert out_img.shape == (48, 48, 3) and out_mask.shape == (48, 48) and out_mask.dtype == bool
+        bad, clear = _disagreement(out_img, out_mask)
+        assert clear > 0.5
+        assert bad <= 0.002, (preset, seed, bad)
+
+
+def test_misalignment_would_be_detected():
+    """The check above is sensitive: a mask shifted by 2 px against its image fails it."""
+    img, mask = _blob_image()
+    out_img, out_mask = random_affine_crop(img, mask, 48, get_augment("none"), np.random.default_rng(0))
+    assert _disagreement(out_img, out_mask)[0] <= 0.002
+    assert _disagreement(out_img, np.roll(out_mask, 2, axis=1))[0] > 0.002
+    assert _disagreement(out_img, np.roll(out_mask, 3, axis=0))[0] > 0.002
+
+
+def test_identity_crop_is_a_translated_window():
+    img, mask = _blob_image()
+    for seed in range(5):
+        out_img, out_mask = random_affine_crop(img, mask, 32, get_augment("none"), np.random.default_rng(seed))
+        # no rotation, scale 1, no flips: the mask is an exact window of the input and the image the
+        # same window up to sub-pixel (bilinear) interpolation
+        found = [(y, x) for y in range(img.shape[0] - 31) for x in range(img.shape[1] - 31)
+                 if np.array_equal(mask[y:y + 32, x:x + 32], out_mask)
+                 and np.abs(img[y:y + 32, x:x + 32].astype(float) - out_img).max() <= 24]
+        assert found, seed
+
+
+def test_flips_are_applied_to_both():
+    img, mask = _blob_image()
+    aug = AugmentConfig((0, 0), (1, 1), hflip=True, vflip=True)
+    flipped = 0
+    for seed in range(12):
+        out_img, out_mask = random_affine_crop(img, mask, 40, aug, np.random.default_rng(seed))
+        assert _disagreement(out_img, out_mask)[0] <= 0.002
+        flipped += 1
+    assert flipped == 12
+
+
+def test_augment_pair_with_colour_jitter_keeps_alignment():
+    """Colour jitter changes the image only: on a grey image (where jitter is monotone per crop)
+    some threshold still separates the mask from the background."""
+    rng0 = np.random.default_rng(0)
+    H, W = 80, 80
+    yy, xx = np.mgrid[:H, :W]
+    mask = np.zeros((H, W), bool)
+    for _ in range(5):
+        cy, cx, r = rng0.uniform(10, 70), rng0.uniform(10, 70), rng0.uniform(6, 12)
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+    grey = np.where(mask, 220, 40).astype(np.uint8)
+    img = np.repeat(grey[..., None], 3, axis=-1)
+    for seed in range(20):
+        out_img, out_mask = augment_pair(img, mask, 40, get_augment("vaihingen"), np.random.default_rng(seed))
+        assert out_img.shape == (40, 40, 3) and 0 <= out_img.min() and out_img.max() <= 255
+        if out_mask.all() or not out_mask.any():
+            continue
+        g = out_img.mean(-1)
+        best = min(((g > t) != out_mask).mean() for t in np.unique(g))
+        assert best <= 0.06, (seed, best)  # bilinear edge pixels only
+
+
+def test_colour_jitter_is_seeded_and_bounded():
+    img = np.random.default_rng(0).uniform(0, 255, (16, 16, 3))
+    aug = get_augment("vaihingen")
+    a = colour_jitter(img, aug, np.random.default_rng(3))
+    b = colour_jitter(img, aug, np.random.default_rng(3))
+    c = colour_jitter(img, aug, np.random.default_rng(4))
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    assert a.min() >= 0 and a.max() <= 255
+    np.testing.assert_array_equal(colour_jitter(img, get_augment("none"), np.random.default_rng(0)),
+                                  np.clip(img / 255.0, 0, 1) * 255.0)
+
+
+def test_presets_and_unknown_name():
+    assert set(AUGMENT_PRESETS) >= {"monuseg", "vaihingen", "cityscapes", "none"}
+    assert get_augment("vaihingen").rotation == (0, 360)
+    with pytest.raises(SegDiffError, match="monuseg"):
+        get_augment("heavy")

@@ -1,0 +1,151 @@
+"""`napari-segdiff segment` in-process: outputs, and never writing over the input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_segdiff import segment
+from napari_segdiff.cli import main
+from napari_segdiff.models import save_model
+
+try:
+    from ._helpers import tiny_model
+except ImportError:  # tests/ is not a package
+    from _helpers import tiny_model
+
+FAST = ["--samples", "2", "--steps", "2", "--tile", "32", "--device", "cpu", "-q"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    model_path = d / "tiny.pt"
+    save_model(tiny_model(seed=0, perturb=0.05), model_path, half=False, meta={"name": "tiny-cli"})
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:45, :70]
+    img = np.clip(128 + 90 * np.sin(yy / 6.0)[..., None] * np.cos(xx / 8.0)[..., None]
+                  + rng.normal(0, 8, (45, 70, 3)), 0, 255).astype(np.uint8)
+    tif = d / "in.tif"
+    tifffile.imwrite(tif, img)
+    return d, model_path, tif, img
+
+
+def _run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_segment_to_tif(files, tmp_path, capsys):
+    d, model_path, tif, img = files
+    out = tmp_path / "out.tif"
+    assert _run("segment", tif, "-o", out, "--model", model_path, *FAST) == 0
+    assert "wrote" in capsys.readouterr().out
+    stack = tifffile.imread(out)
+    assert stack.shape == (3, 45, 70) and stack.dtype == np.float32
+    prob, var, mask = stack
+    assert 0 <= prob.min() and prob.max() <= 1 and 0 <= var.min() and var.max() <= 0.25
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(mask.astype(bool), prob > 0.5)
+    # the CLI is segment() with the same settings (seed 0 by default)
+    ref = segment(img, str(model_path), samples=2, steps=2, tile=32, device="cpu")
+    np.testing.assert_array_equal(prob, ref.probability)
+    np.testing.assert_array_equal(var, ref.variance)
+
+
+def test_segment_to_zarr(files, tmp_path):
+    d, model_path, tif, img = files
+    out = tmp_path / "out.zarr"
+    assert _run("segment", tif, "-o", out, "--model", model_path, "--seed", "4", *FAST) == 0
+    g = zarr.open_group(str(out), mode="r")
+    assert sorted(g.array_keys()) == ["mask", "probability", "variance"]
+    for name in ("probability", "variance", "mask"):
+        assert g[name].shape == (45, 70)
+    prob = np.asarray(g["probability"][:])
+    np.testing.assert_array_equal(np.asarray(g["mask"][:]), prob > 0.5)
+    assert g.attrs["seed"] == 4 and g.attrs["model"] == "tiny-cli"
+    ref = segment(img, str(model_path), samples=2, steps=2, tile=32, device="cpu", seed=4)
+    np.testing.assert_array_equal(prob, ref.probability)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp store left
+
+
+def test_zarr_input(files, tmp_path):
+    d, model_path, tif, img = files
+    src = tmp_path / "in.zarr"
+    z = zarr.open_array(str(src), mode="w", shape=img.shape, chunks=(16, 16, 3), dtype="u1")
+    z[:] = img
+    out = tmp_path / "o.tif"
+    assert _run("segment", src, "-o", out, "--model", model_path, *FAST) == 0
+    ref = segment(img, str(model_path), samples=2, steps=2, tile=32, device="cpu")
+    np.testing.assert_array_equal(tifffile.imread(out)[0], ref.probability)
+
+
+def test_refuses_to_write_over_its_input(files, tmp_path, capsys):
+    d, model_path, tif, img = files
+    before = tif.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert _run("segment", tif, "-o", tif, "--model", model_path, *FAST, *extra) == 2
+        assert "input" in capsys.readouterr().err
+    # also through another spelling of the same path
+    assert _run("segment", tif, "-o", tif.parent / "." / tif.name, "--model", model_path, "--overwrite", *FAST) == 2
+    assert tif.read_bytes() == before
+
+
+def test_refuses_an_existing_output_without_overwrite(files, tmp_path, capsys):
+    d, model_path, tif, img = files
+    for name in ("exists.tif", "exists.zarr"):
+        out = tmp_path / name
+        if name.endswith(".tif"):
+            out.write_bytes(b"keep me")
+        else:
+            out.mkdir()
+            (out / "marker").write_text("keep me")
+        assert _run("segment", tif, "-o", out, "--model", model_path, *FAST) == 2
+        assert "--overwrite" in capsys.readouterr().err
+        assert (out.read_bytes() if out.is_file() else (out / "marker").read_text().encode()) == b"keep me"
+        assert _run("segment", tif, "-o", out, "--model", model_path, "--overwrite", *FAST) == 0
+        if name.endswith(".tif"):
+            assert tifffile.imread(out).shape == (3, 45, 70)
+        else:
+            assert zarr.open_group(str(out), mode="r")["probability"].shape == (45, 70)
+            assert not (out / "marker").exists()
+
+
+def test_bad_arguments_give_an_error_not_a_traceback(files, tmp_path, capsys):
+    d, model_path, tif, img = files
+    assert _run("segment", tmp_path / "missing.tif", "-o", tmp_path / "o.tif", "--model", model_path) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert _run("segment", tif, "-o", tmp_path / "o.tif", "--model", tmp_path / "nomodel.pt", *FAST) == 2
+    assert _run("segment", tif, "-o", tmp_path / "o.tif", "--model", model_path, "--steps", "500", "--tile", "32",
+                "--device", "cpu", "-q") == 2
+    assert _run("segment", tif, "-o", tmp_path / "o.png", "--model", model_path, *FAST) == 2
+    assert not (tmp_path / "o.tif").exists() and not (tmp_path / "o.png").exists()
+
+
+def test_models_command(capsys):
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_write_result_formats_and_refusals(tmp_path):
+    from napari_segdiff._errors import SegDiffError
+    from napari_segdiff.engine import SegmentationResult
+    from napari_segdiff.io import read_image, write_result
+
+    prob = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    res = SegmentationResult(prob, prob * (1 - prob), prob > 0.5, {"model": "m", "seed": 1, "tile": (1, 2)})
+    z = write_result(res, tmp_path / "r.zarr")
+    g = zarr.open_group(str(z), mode="r")
+    np.testing.assert_array_equal(g["probability"][:], prob)
+    np.testing.assert_array_equal(g["mask"][:], prob > 0.5)
+    assert g.attrs["seed"] == 1 and g.attrs["tile"] == "(1, 2)"
+    t = write_result(res, tmp_path / "r.tiff")
+    np.testing.assert_array_equal(tifffile.imread(t)[1], prob * (1 - prob))
+    with pytest.raises(SegDiffError, match="already exists"):
+        write_result(res, tmp_path / "r.tiff")
+    with pytest.raises(SegDiffError, match="input"):
+        write_result(res, tmp_path / "r.tiff", overwrite=True, inputs=(tmp_path / "r.tiff",))
+    with pytest.raises(SegDiffError, match="format"):
+        write_result(res, tmp_path / "r.png")
+    # the zarr result reads back as an image (its first array)
+    assert read_image(tmp_path / "r.zarr").shape == (3, 4)

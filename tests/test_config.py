@@ -1,0 +1,97 @@
+"""Typed, validated configuration."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from napari_segdiff._errors import SegDiffError
+from napari_segdiff.config import (PRESETS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig,
+                                   get_preset)
+
+
+def test_presets_are_valid_and_round_trip_through_dicts():
+    for name, cfg in PRESETS.items():
+        d = cfg.to_dict()
+        assert isinstance(d["channel_mult"], list) and isinstance(d["attention_resolutions"], list)
+        assert NetworkConfig.from_dict(d) == cfg, name
+
+
+def test_paper_presets_follow_section_5():
+    for name in ("monuseg", "vaihingen"):
+        cfg = PRESETS[name]
+        assert cfg.image_size == 256 and cfg.base_channels == 128 and cfg.diffusion_steps == 100
+        assert cfg.parameterization == "eps" and cfg.time_embedding == "learned"
+    assert PRESETS["monuseg"].rrdb_blocks == 12 and PRESETS["vaihingen"].rrdb_blocks == 6
+    assert PRESETS["cityscapes"].image_size == 128 and PRESETS["cityscapes"].rrdb_blocks == 15
+
+
+def test_downsample_factor_and_attention_levels():
+    cfg = NetworkConfig(image_size=64, base_channels=8, channel_mult=(1, 2, 2, 2), attention_resolutions=(16, 8))
+    assert cfg.downsample_factor == 8
+    assert cfg.attention_levels == (2, 3)  # 64 -> 32 -> 16 -> 8
+
+
+@pytest.mark.parametrize("kw", [
+    dict(in_channels=0), dict(base_channels=12), dict(base_channels=0), dict(channel_mult=()),
+    dict(num_res_blocks=0), dict(rrdb_blocks=-1), dict(diffusion_steps=1), dict(time_embedding="fourier"),
+    dict(beta_schedule="cosine"), dict(parameterization="v"), dict(image_size=100),
+    dict(input_scale=0.0), dict(input_scale=5.0), dict(dropout=1.0), dict(dropout=-0.1),
+])
+def test_bad_network_values_are_refused(kw):
+    with pytest.raises(SegDiffError):
+        NetworkConfig(**kw)
+
+
+def test_network_from_dict_refuses_unknown_keys():
+    d = PRESETS["tiny"].to_dict()
+    d["base_chanels"] = 8
+    with pytest.raises(SegDiffError, match="base_chanels"):
+        NetworkConfig.from_dict(d)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["tiny"].image_size = 64  # type: ignore[misc]
+
+
+def test_get_preset_overrides_and_unknown_name():
+    cfg = get_preset("tiny", base_channels=16)
+    assert cfg.base_channels == 16 and PRESETS["tiny"].base_channels == 8
+    assert get_preset("tiny") is PRESETS["tiny"]
+    with pytest.raises(SegDiffError, match="tiny"):
+        get_preset("huge")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(samples=0), dict(samples=2.5), dict(steps=0), dict(steps=1.5), dict(sampler="euler"),
+    dict(eta=-0.1), dict(eta=1.5), dict(threshold=1.5), dict(threshold=-0.01),
+])
+def test_bad_sampling_values_are_refused(kw):
+    with pytest.raises(SegDiffError):
+        SamplingConfig(**kw)
+
+
+def test_sampling_defaults():
+    s = SamplingConfig()
+    assert s.samples >= 1 and s.steps is not None and s.sampler == "ddpm" and s.seed == 0
+    assert SamplingConfig(steps=None).steps is None
+
+
+@pytest.mark.parametrize("kw", [dict(tile=4), dict(tile=64.0), dict(overlap=1.0), dict(overlap=-0.1),
+                                dict(batch_size=0)])
+def test_bad_tiling_values_are_refused(kw):
+    with pytest.raises(SegDiffError):
+        TilingConfig(**kw)
+
+
+@pytest.mark.parametrize("tile,overlap,stride", [(256, 0.25, 192), (64, 0.0, 64), (32, 0.5, 16), (8, 0.99, 1)])
+def test_tiling_stride(tile, overlap, stride):
+    assert TilingConfig(tile=tile, overlap=overlap).stride == stride
+
+
+def test_segment_config_device():
+    for dev in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert SegmentConfig(device=dev).device == dev
+    with pytest.raises(SegDiffError):
+        SegmentConfig(device="tpu")

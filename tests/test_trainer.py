@@ -1,0 +1,202 @@
+"""The trainer: it learns, it resumes exactly (also after SIGKILL), and it exports usable models."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage.io import imsave
+
+from napari_segdiff import segment
+from napari_segdiff._errors import SegDiffError
+from napari_segdiff.models import load_model
+from napari_segdiff.training.datasets import Sample
+from napari_segdiff.training.trainer import TrainConfig, Trainer, export
+
+try:
+    from ._helpers import disc_image
+except ImportError:  # tests/ is not a package
+    from _helpers import disc_image
+
+
+def _discs(n=3, size=48):
+    return [Sample(f"img{i}", *disc_image(size, seed=i, n_discs=4, radius=(4, 9))) for i in range(n)]
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    base = dict(preset="tiny", crop=32, batch_size=4, lr=2e-3, warmup_steps=10, augment="none", val="",
+                val_every=10_000, val_samples=2, val_steps=5, val_tile=32, ckpt_every=10_000, device="cpu",
+                threads=1, out=str(out), seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- (a) it learns
+def test_tiny_model_learns_bright_discs(tmp_path):
+    samples = _discs(3)
+    tr = Trainer(_cfg(tmp_path / "run", max_steps=200, val="img2"), samples=samples)
+    assert [s.name for s in tr.val_set] == ["img2"] and len(tr.train_set) == 2
+    before = tr.validate()["dice"]
+    t0 = time.perf_counter()
+    res = tr.fit(progress=False)
+    assert time.perf_counter() - t0 < 60
+    after = tr.validate()["dice"]
+    assert before < 0.5 < 0.85 < after, (before, after)
+    assert res["step"] == 200 and res["best"] == pytest.approx(after)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 201))
+    first = np.mean([float(r["loss"]) for r in rows[:20]])
+    last = np.mean([float(r["loss"]) for r in rows[-20:]])
+    assert last < 0.5 * first
+    assert float(rows[-1]["val_dice"]) == pytest.approx(after)
+    assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "last.pt").exists()
+
+
+# ---------------------------------------------------------------- (b) exact resume
+def test_resume_gives_identical_weights(tmp_path):
+    samples = _discs(2)
+    N, k = 12, 5
+    a = Trainer(_cfg(tmp_path / "a", max_steps=N, augment="monuseg"), samples=samples)
+    a.fit(progress=False)
+
+    b = Trainer(_cfg(tmp_path / "b", max_steps=k, augment="monuseg"), samples=samples)
+    b.fit(progress=False)
+    assert b.step == k
+    del b
+    torch.manual_seed(1234)  # disturb the global RNG: resume must restore it
+    np.random.seed(99)
+    c = Trainer.resume(tmp_path / "b", samples=samples, max_steps=N)
+    assert c.step == k and c.cfg.max_steps == N
+    c.fit(progress=False)
+    assert c.step == N
+    _assert_same_state(a.net.state_dict(), c.net.state_dict())
+    _assert_same_state(a.ema.state_dict(), c.ema.state_dict())
+    sa, sc = a.opt.state_dict()["state"], c.opt.state_dict()["state"]
+    assert sa.keys() == sc.keys()
+    for i in sa:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sc[i][name]))
+    # and the checkpoint on disk is the same run
+    la = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    lc = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert la["step"] == lc["step"] == N
+    _assert_same_state(la["model"], lc["model"])
+    rows = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, N + 1))
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(SegDiffError, match="checkpoint"):
+        Trainer.resume(tmp_path, samples=_discs(2))
+
+
+def _write_folder(root: Path, samples):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for s in samples:
+        imsave(root / "images" / f"{s.name}.png", s.image, check_contrast=False)
+        imsave(root / "masks" / f"{s.name}.png", s.mask.astype(np.uint8) * 255, check_contrast=False)
+
+
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    samples = _discs(2)
+    data = tmp_path / "data"
+    _write_folder(data, samples)
+    run = tmp_path / "killed"
+    N = 40
+    args = ["--data", str(data), "--preset", "tiny", "--crop", "32", "--batch-size", "4", "--lr", "0.002",
+            "--warmup-steps", "10", "--augment", "monuseg", "--val", "", "--val-every", "10000", "--ckpt-every",
+            "1", "--device", "cpu", "--threads", "1", "--seed", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "napari_segdiff.training.cli"]
+    proc = subprocess.Popen(cmd + ["train", *args, "--max-steps", str(N), "--out", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        time.sleep(0.2)  # a few more steps, killed at an arbitrary point
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert 1 <= killed_at < N, killed_at
+    r = subprocess.run(cmd + ["resume", str(run), "--max-steps", str(N), "--threads", "1"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming {run} at step {killed_at}" in r.stdout
+    resumed = torch.load(run / "last.pt", weights_only=True)
+    assert resumed["step"] == N
+
+    # the same run without interruption, in this process, with the same settings and data
+    cfg = _cfg(tmp_path / "straight", max_steps=N, augment="monuseg", ckpt_every=N, data=str(data))
+    straight = Trainer(cfg)
+    straight.fit(progress=False)
+    _assert_same_state(straight.net.state_dict(), resumed["model"])
+    _assert_same_state(straight.ema.state_dict(), resumed["ema"])
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, N + 1))
+
+
+# ---------------------------------------------------------------- (c) export
+def test_export_gives_a_model_that_segments(tmp_path):
+    samples = _discs(3)
+    tr = Trainer(_cfg(tmp_path / "run", max_steps=8, val="img2"), samples=samples)
+    tr.fit(progress=False)
+    out = tmp_path / "exported.pt"
+    path, sha, half = export(tmp_path / "run", out, "discs", sampling={"samples": 2, "steps": 3},
+                             extra_meta={"description": "test"})
+    assert path == out and out.exists()
+    m = load_model(out)
+    assert m.name == "discs" and m.sha256 == sha and m.meta["train_step"] == 8
+    assert m.meta["description"] == "test" and m.meta["sampling"] == {"samples": 2, "steps": 3}
+    assert m.config == tr.net_cfg
+    # the file holds the EMA weights (rounded to fp16 when that is accurate enough)
+    ema = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["ema"]
+    for k, v in m.net.state_dict().items():
+        ref = ema[k].half().float() if half and ema[k].is_floating_point() else ema[k]
+        assert torch.equal(v, ref), k
+    # segment() uses the recommended sampling stored in the file
+    r = segment(samples[2].image, str(out), tile=32, device="cpu")
+    assert r.info["samples"] == 2 and r.info["steps"] == 3 and r.info["model"] == "discs"
+    assert r.probability.shape == samples[2].mask.shape
+    assert 0 <= r.probability.min() and r.probability.max() <= 1
+
+
+# ---------------------------------------------------------------- config
+def test_train_config_validation_and_round_trip(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(SegDiffError, match="unknown"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    for bad in (dict(amp="fp8"), dict(crop=0), dict(batch_size=0), dict(max_steps=0)):
+        with pytest.raises(SegDiffError):
+            TrainConfig(**bad)
+    with pytest.raises(SegDiffError, match="multiple"):
+        Trainer(_cfg(tmp_path, crop=33), samples=_discs(2))
+
+
+def test_default_fraction_split(tmp_path):
+    """TrainConfig's default val="0.2" holds out a fraction (it is not an image name)."""
+    tr = Trainer(_cfg(tmp_path, val="0.2"), samples=_discs(5))
+    assert len(tr.val_set) == 1 and len(tr.train_set) == 4
