@@ -31,7 +31,7 @@ import torch
 
 import napari_segdiff as ns
 from napari_segdiff.config import SamplingConfig, get_preset
-from napari_segdiff.engine import TileSampler, tile_seed
+from napari_segdiff.engine import TileSampler, reference_tile_sample
 from napari_segdiff.models import SegDiffModel, list_models
 from napari_segdiff.network import count_parameters
 
@@ -59,35 +59,11 @@ def default_model() -> SegDiffModel:
 
 
 # ---------------------------------------------------------------------------------------- 1. tile
-def straightforward_sample(model: SegDiffModel, image: torch.Tensor, samples: int, steps: int | None, seed: int):
-    """Algorithm 1 as the public code runs it: each sample alone, G(I) inside every network call."""
-    net, diff = model.net, model.diffusion
-    h, w = image.shape[-2:]
-    g = torch.Generator().manual_seed(tile_seed(seed, 0))
-    outs = []
-    # draw the same noise as the engine: per step one (N, 1, h, w) tensor from the tile's generator
-    noises: list[torch.Tensor] = []
-    sched = diff.sampling_schedule(steps)
-
-    def noise_for(k):
-        while len(noises) <= k:
-            noises.append(torch.randn((samples, 1, h, w), generator=g))
-        return noises[k]
-
-    for j in range(samples):
-        calls = iter(range(sched.num_steps + 1))
-        x = diff.sample(lambda x_t, t: net(x_t, t, image=image), (1, 1, h, w), steps=steps,
-                        noise_fn=lambda s: noise_for(next(calls))[j:j + 1])
-        outs.append(x)
-    p = ((torch.cat(outs).clamp(-1, 1) + 1) / 2)[:, 0].numpy()
-    return p.mean(0), (p * p).mean(0)
-
-
 def bench_tile(model: SegDiffModel, samples: int, steps: int, tile: int, label: str) -> dict:
     img = torch.rand(1, model.config.in_channels, tile, tile) * 2 - 1
     with torch.inference_mode():
         t0 = time.perf_counter()
-        ref_m, ref_s = straightforward_sample(model, img, samples, steps, seed=0)
+        ref_m, ref_s = reference_tile_sample(model, img, samples, steps, seed=0)
         t_naive = time.perf_counter() - t0
         runner = TileSampler(model, SamplingConfig(samples=samples, steps=steps, seed=0), torch.device("cpu"))
         t0 = time.perf_counter()
