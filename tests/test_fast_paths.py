@@ -24,8 +24,8 @@ def test_cached_and_batched_equals_straightforward(model, steps):
         ref_mean, ref_second = reference_tile_sample(model, img, N, steps, seed=0)
     assert ref_second.mean() - ref_mean.mean() ** 2 > 1e-4 or ref_mean.std() > 1e-3  # not a constant map
     # equal up to float rounding (batched convolutions sum in another order; T steps compound it)
-    np.testing.assert_allclose(mean[0], ref_mean, atol=1e-4)
-    np.testing.assert_allclose(second[0], ref_second, atol=1e-4)
+    np.testing.assert_allclose(mean[0], ref_mean, atol=5e-4)
+    np.testing.assert_allclose(second[0], ref_second, atol=5e-4)
     # the engine made one encoder evaluation and T' batched network calls; the reference N*T' calls
     T = steps or model.diffusion.T
     assert runner.encoder_evaluations == 1 and runner.network_evaluations == T
