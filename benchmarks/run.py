@@ -124,7 +124,7 @@ from napari_segdiff.models import SegDiffModel
 src, dst, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = NetworkConfig(image_size=256, base_channels=8, channel_mult=(1, 1, 1, 1, 1), num_res_blocks=1, rrdb_blocks=0,
                     rrdb_width=8, rrdb_growth=8, attention_resolutions=(), num_heads=1, diffusion_steps=10,
-                    parameterization="x0")
+                    parameterization="x0", input_scale=0.25)  # the pipeline is under test, not the network
 model = SegDiffModel.from_config(cfg, name="scale-probe")
 img = da.from_zarr(zarr.open_array(src, mode="r"))
 peak = [0]
@@ -150,8 +150,8 @@ def make_zarr(path: str, size: int, chunk: int = 1024) -> None:
     import zarr
 
     z = zarr.open_array(path, mode="w", shape=(size, size, 3), chunks=(chunk, chunk, 3), dtype="u1")
-    rng = np.random.default_rng(0)
-    block = (rng.random((chunk, chunk, 3)) * 255).astype(np.uint8)
+    yy, xx = np.mgrid[:chunk, :chunk]
+    block = np.stack([(127 + 120 * np.sin(yy / (7 + 5 * c)) * np.cos(xx / 11)) for c in range(3)], -1).astype(np.uint8)
     for y in range(0, size, chunk):
         for x in range(0, size, chunk):
             z[y:y + chunk, x:x + chunk] = block[: min(chunk, size - y), : min(chunk, size - x)]
@@ -226,10 +226,40 @@ def bench_bf16(model: SegDiffModel, tile: int = 256) -> dict:
             "max_abs_prob_diff": float(np.abs(a.probability - b.probability).max())}
 
 
+# ---------------------------------------------------------------------------------------- 6. train step
+def bench_train_step(names_batches) -> list[dict]:
+    """Seconds per optimiser step (forward + backward + AdamW) on random crops, per preset."""
+    from napari_segdiff.diffusion import Diffusion
+    from napari_segdiff.network import SegDiffNet
+
+    rows = []
+    for name, batch, crop in names_batches:
+        cfg = get_preset(name)
+        net = SegDiffNet(cfg)
+        diff = Diffusion.from_config(cfg)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        img = torch.rand(batch, cfg.in_channels, crop, crop) * 2 - 1
+        x0 = (torch.rand(batch, 1, crop, crop) > 0.5).float() * 2 - 1
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            diff.training_loss(lambda x, t: net(x, t, image=img), x0).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        rows.append({"preset": name, "batch": batch, "crop": crop, "seconds_per_step": min(times[1:])})
+        print(f"  train step {name} batch {batch}x{crop}: {rows[-1]['seconds_per_step']:.2f} s", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    p.add_argument("--only", default="tile,images,scale,flops,bf16")
+    p.add_argument("--only", default="tile,images,scale,flops,bf16,train")
+    p.add_argument("--sizes", default="512,1000,4096", help="image sizes for the images part")
+    p.add_argument("--tile-models", default="default,monuseg,vaihingen",
+                   help="'default' (the shipped default model) and/or paper presets for the tile part")
+    p.add_argument("--scale-sizes", default="2048,20000", help="image sizes for the scale part")
     p.add_argument("--json", default="bench_out/results.json")
     args = p.parse_args(argv)
     parts = set(args.only.split(","))
@@ -242,22 +272,28 @@ def main(argv=None) -> int:
         rows = []
         s = model.meta.get("sampling", {})
         N, T = (2, 3) if args.quick else (s.get("samples", 5), s.get("steps", 10))
-        rows.append(bench_tile(model, N, T, 256, model.name))
-        for name in ([] if args.quick else ["monuseg", "vaihingen"]):
+        wanted = args.tile_models.split(",")
+        if "default" in wanted:
+            rows.append(bench_tile(model, N, T, 256, model.name))
+            print(f"  tile {model.name}: x{rows[-1]['speedup']:.1f}", flush=True)
+        for name in ([] if args.quick else [w for w in wanted if w != "default"]):
             m = SegDiffModel.from_config(name)
             rows.append(bench_tile(m, 2, 2, 256, f"{name} (paper size, untrained)"))
             print(f"  tile {name}: x{rows[-1]['speedup']:.1f}")
         res["tile"] = rows
     if "images" in parts:
-        res["images"] = bench_images([512] if args.quick else [512, 1000, 4096])
+        res["images"] = bench_images([512] if args.quick else [int(v) for v in args.sizes.split(",")])
     if "scale" in parts:
-        res["scale"] = bench_scale([2048] if args.quick else [2048, 20000])
+        res["scale"] = bench_scale([2048] if args.quick else [int(v) for v in args.scale_sizes.split(",")])
     if "flops" in parts:
         peak, rows = bench_flops(["cpu-small", "cpu-medium"] + ([] if args.quick else ["monuseg", "cityscapes"]))
         res["matmul_peak_gflops_per_s"] = peak / 1e9
         res["flops"] = rows
     if "bf16" in parts:
         res["bf16"] = bench_bf16(model)
+    if "train" in parts:
+        res["train"] = bench_train_step([("cpu-small", 4, 128), ("cpu-medium", 4, 128)] + (
+            [] if args.quick else [("monuseg", 1, 256), ("vaihingen", 1, 256), ("cityscapes", 1, 128)]))
     print_table(res)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,6 +321,8 @@ def print_table(res: dict) -> None:
             print(f"forward {r['preset']} @{r['size']} ({r['parameters']:,} params): {r['gflops']:.1f} GFLOP in "
                   f"{r['forward_s']:.2f} s = {r['achieved_gflops_per_s']:.1f} GFLOP/s "
                   f"({100 * r['fraction_of_matmul_peak']:.0f}% of matmul peak)")
+    for r in res.get("train", []):
+        print(f"train step {r['preset']} (batch {r['batch']} of {r['crop']}x{r['crop']}): {r['seconds_per_step']:.2f} s")
     if "bf16" in res:
         r = res["bf16"]
         print(f"bf16 autocast vs fp32 (512x512): {r['fp32_s']:.1f} s vs {r['bf16_s']:.1f} s (x{r['speedup']:.2f}), "
