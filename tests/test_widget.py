@@ -5,7 +5,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from napari_segdiff import SamplingConfig, TilingConfig, available_devices, list_models, segment
+from napari_segdiff import (SamplingConfig, TilingConfig, available_devices, list_models, load_model,
+                            recommended_config, segment)
 from napari_segdiff._widget import SegDiffWidget, SliceProgress
 from napari_segdiff.stacks import split_instances
 
@@ -67,12 +68,17 @@ def test_docks_from_manifest_with_library_defaults(make_napari_viewer, tiny_mode
     assert list(widget.device.choices) == available_devices()
     assert list(widget.model.choices) == [*list_models(), "model file..."]
     s, t = SamplingConfig(), TilingConfig()
-    assert (widget.tile.value, widget.overlap.value, widget.threshold.value) == (t.tile, t.overlap, s.threshold)
+    # the selected shipped model's recommended settings, as segment() uses them
+    rec = recommended_config(load_model(widget.model.value))
+    assert (widget.samples.value, widget.steps.value) == (rec.sampling.samples, rec.sampling.steps)
+    assert (widget.tile.value, widget.overlap.value, widget.threshold.value) == (t.tile, rec.tiling.overlap,
+                                                                                 s.threshold)
     assert widget.seed.value == s.seed and widget.device.value == "auto"
-    widget.samples.value, widget.steps.value = 1, 1
+    widget.samples.value, widget.steps.value, widget.overlap.value = 1, 1, 0.5
     widget.set_model(tiny_model)  # a model without recommended settings gets the library's defaults
     assert widget.model.value == "tiny (in memory)"
     assert (widget.samples.value, widget.steps.value, widget.steps.max) == (s.samples, s.steps, 20)
+    assert widget.overlap.value == t.overlap
     viewer.add_image(rgb_image(), name="a", rgb=True)
     viewer.add_labels(np.zeros((4, 4), np.uint8), name="not an image")
     assert [layer.name for layer in widget.image.choices] == ["a"]

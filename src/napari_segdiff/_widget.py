@@ -155,10 +155,12 @@ class SegDiffWidget(Container):
             self.status.value = f"model: {e}"
             return
         self._models[key] = mdl
-        rec = recommended_config(mdl).sampling  # the model's recommended settings, as segment() uses
+        rec_cfg = recommended_config(mdl)  # the model's recommended settings, as segment() uses
+        rec = rec_cfg.sampling
         self.steps.max = mdl.diffusion.T
         self.samples.value = rec.samples
         self.steps.value = rec.steps if rec.steps is not None else mdl.diffusion.T
+        self.overlap.value = rec_cfg.tiling.overlap
         self.status.value = f"model {mdl.name}" + (f" ({mdl.sha256[:12]})" if mdl.sha256 else "")
 
     # -- running -----------------------------------------------------------------------------------
