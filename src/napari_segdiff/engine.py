@@ -7,6 +7,7 @@ depend on batch size or on which process ran the tile.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -148,7 +149,7 @@ class TileSampler:
         def noise_fn(shape):  # per-tile generators: batching does not change the noise
             return torch.cat([torch.randn((N, 1, h, w), generator=g) for g in gens])
 
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast_bf16 else _nullctx()
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
             x_img = torch.from_numpy(images).to(self.device)
             if (h, w) != (h0, w0):
@@ -195,14 +196,6 @@ def reference_tile_sample(model: SegDiffModel, image: torch.Tensor, samples: int
         outs.append(x)
     p = ((torch.cat(outs).clamp(-1, 1) + 1) / 2)[:, 0].numpy()
     return p.mean(0), (p * p).mean(0)
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _make_outputs(shape, out, tile):

@@ -23,7 +23,7 @@ def read_image(path: str | os.PathLike, lazy: bool = False):
         raise SegDiffError(f"input {str(p)!r} does not exist")
     ext = p.suffix.lower()
     try:
-        if ext == ".zarr" or (p.is_dir() and (p / ".zarray").exists() or (p / "zarr.json").exists()):
+        if ext == ".zarr" or (p.is_dir() and ((p / ".zarray").exists() or (p / "zarr.json").exists())):
             import dask.array as da
             import zarr
 
