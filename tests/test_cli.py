@@ -53,6 +53,16 @@ def test_segment_to_tif(files, tmp_path, capsys):
     np.testing.assert_array_equal(var, ref.variance)
 
 
+def test_segment_precision_flag(files, tmp_path):
+    d, model_path, tif, img = files
+    out = tmp_path / "out32.tif"
+    assert _run("segment", tif, "-o", out, "--model", model_path, "--precision", "fp32", *FAST) == 0
+    ref = segment(img, str(model_path), samples=2, steps=2, tile=32, device="cpu", precision="fp32")
+    np.testing.assert_array_equal(tifffile.imread(out)[0], ref.probability)
+    with pytest.raises(SystemExit):  # argparse refuses an unknown precision, naming the choices
+        _run("segment", tif, "-o", tmp_path / "x.tif", "--model", model_path, "--precision", "fp16", *FAST)
+
+
 def test_segment_to_zarr(files, tmp_path):
     d, model_path, tif, img = files
     out = tmp_path / "out.zarr"

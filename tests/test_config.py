@@ -95,3 +95,25 @@ def test_segment_config_device():
         assert SegmentConfig(device=dev).device == dev
     with pytest.raises(SegDiffError):
         SegmentConfig(device="tpu")
+
+
+def test_segment_config_precision():
+    assert SegmentConfig().precision == "auto"
+    assert SegmentConfig(precision="bf16").precision == "bf16"
+    with pytest.raises(SegDiffError, match="auto, fp32, bf16"):
+        SegmentConfig(precision="fp16")
+
+
+def test_auto_precision_follows_native_bf16(monkeypatch):
+    import torch
+
+    from napari_segdiff import engine
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    assert engine.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    assert engine.resolve_precision("auto", cpu) == "fp32"
+    assert engine.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured even where slow
+    with pytest.raises(SegDiffError, match="precision"):
+        engine.resolve_precision("half", cpu)

@@ -33,8 +33,27 @@ def test_cached_and_batched_equals_straightforward(model, steps):
 
 def test_bf16_autocast_mask_agreement(model):
     img = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
-    a = ns.segment(img, model, samples=3, steps=3, tile=32, seed=0)
-    b = ns.segment(img, model, samples=3, steps=3, tile=32, seed=0, autocast_bf16=True)
+    a = ns.segment(img, model, samples=3, steps=3, tile=32, seed=0, precision="fp32")
+    b = ns.segment(img, model, samples=3, steps=3, tile=32, seed=0, precision="bf16")
+    assert (a.info["precision"], b.info["precision"]) == ("fp32", "bf16")
     assert 0.02 < a.mask.mean() < 0.98  # a mask with both classes, so agreement is informative
     assert (a.mask == b.mask).mean() > 0.95
     assert np.abs(a.probability - b.probability).mean() < 0.05
+
+
+def test_channels_last_matches_contiguous(model):
+    """The CPU default (channels-last convolutions) gives the contiguous layout's result to float rounding,
+    and the conversion leaves the model's values untouched."""
+    img = np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    kw = dict(samples=3, steps=3, tile=32, seed=0, precision="fp32")
+    a = ns.segment(img, model, channels_last=False, **kw)
+    b = ns.segment(img, model, channels_last=True, **kw)
+    conv_w = next(p for p in model.net.parameters() if p.dim() == 4)
+    assert conv_w.is_contiguous(memory_format=torch.channels_last)  # the fast layout was really used
+    assert 0.02 < a.mask.mean() < 0.98
+    np.testing.assert_allclose(a.probability, b.probability, atol=1e-4)
+    np.testing.assert_allclose(a.variance, b.variance, atol=1e-4)
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    model.net.to(memory_format=torch.contiguous_format)

@@ -31,13 +31,14 @@ def _model_bytes(mdl) -> tuple[str, bytes]:
 
 
 def _run_batch(key: str, model_data: bytes, sampling, device: str, images: np.ndarray, indices: list[int],
-               seed: int):
+               seed: int, precision: str = "auto"):
     from .diffusion import Diffusion
     from .engine import TileSampler, resolve_device
     from .models import SegDiffModel
     from .network import SegDiffNet
     from .config import NetworkConfig
 
+    key = f"{key}:{device}:{precision}"
     runner = _WORKER_CACHE.get(key)
     if runner is None:  # once per worker process
         payload = torch.load(io.BytesIO(model_data), map_location="cpu", weights_only=True)
@@ -47,13 +48,13 @@ def _run_batch(key: str, model_data: bytes, sampling, device: str, images: np.nd
         dev = resolve_device(device)
         mdl = SegDiffModel(net.eval().to(dev), Diffusion.from_config(cfg), payload["meta"].get("name", "model"),
                            payload["meta"].get("sha256"))
-        runner = _WORKER_CACHE[key] = TileSampler(mdl, sampling, dev)
+        runner = _WORKER_CACHE[key] = TileSampler(mdl, sampling, dev, precision=precision)
     runner.sampling = sampling
     return runner(images, indices, seed)
 
 
 def distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, seed, device: str = "auto",
-                      max_in_flight: int | None = None):
+                      max_in_flight: int | None = None, precision: str = "auto"):
     from .tiling import iter_windows
 
     key, data = _model_bytes(mdl)
@@ -65,7 +66,7 @@ def distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, seed, 
     def submit(batch):
         imgs = np.stack([to_chw(scale.apply(b)) for _, b in batch])
         fut = client.submit(_run_batch, key, model_future, sampling, device, imgs, [w.index for w, _ in batch],
-                            seed, pure=False)
+                            seed, precision, pure=False)
         pending.append(([w for w, _ in batch], fut))
 
     batch = []

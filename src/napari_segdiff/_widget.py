@@ -18,7 +18,7 @@ from napari.utils.notifications import show_error
 from psygnal import Signal
 
 from ._errors import SegDiffError
-from .config import NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig
+from .config import PRECISIONS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig
 from .engine import available_devices, recommended_config
 from .models import SegDiffModel, list_models, load_model
 from .stacks import MIN_DISTANCE, SliceProgress, StackResult, leading_shape, segment_stack
@@ -97,6 +97,9 @@ class SegDiffWidget(Container):
         self.threshold = FloatSpinBox(label="threshold", value=_SAMPLING.threshold, min=0.0, max=1.0, step=0.05,
                                       tooltip="mask = probability > threshold")
         self.device = ComboBox(label="device", choices=available_devices(), value=_SEGMENT.device)
+        self.precision = ComboBox(label="precision", choices=list(PRECISIONS), value=_SEGMENT.precision,
+                                  tooltip="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same "
+                                          "masks), else float32")
         self.seed = SpinBox(label="seed", value=-1 if _SAMPLING.seed is None else _SAMPLING.seed, min=-1,
                             max=_MAX_SEED, tooltip="Random seed of the sampling noise; -1 draws one")
         self.instances = CheckBox(text="split instances (watershed)", value=False,
@@ -107,7 +110,7 @@ class SegDiffWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.extend([self.image, self.model, self.model_file, self.samples, self.steps, self.tile, self.overlap,
-                     self.threshold, self.device, self.seed, self.instances, self.min_distance,
+                     self.threshold, self.device, self.precision, self.seed, self.instances, self.min_distance,
                      self.run_button, self.cancel_button, self.status])
         self.model.changed.connect(self._on_model_change)
         self.model_file.changed.connect(self._on_model_change)
@@ -175,9 +178,11 @@ class SegDiffWidget(Container):
         sampling = SamplingConfig(samples=int(self.samples.value), steps=int(self.steps.value), seed=seed,
                                   threshold=float(self.threshold.value))
         tiling = TilingConfig(tile=int(self.tile.value), overlap=float(self.overlap.value))
-        cfg = SegmentConfig(sampling=sampling, tiling=tiling, device=str(self.device.value))
+        cfg = SegmentConfig(sampling=sampling, tiling=tiling, device=str(self.device.value),
+                            precision=str(self.precision.value))
         return dict(samples=sampling.samples, steps=sampling.steps, seed=sampling.seed,
-                    threshold=sampling.threshold, tile=tiling.tile, overlap=tiling.overlap, device=cfg.device)
+                    threshold=sampling.threshold, tile=tiling.tile, overlap=tiling.overlap, device=cfg.device,
+                    precision=cfg.precision)
 
     def run(self, *_):
         """Start segmenting the chosen layer in a thread worker; returns the worker (None if not started)."""

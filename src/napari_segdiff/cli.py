@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ._errors import SegDiffError
+from .config import PRECISIONS
 
 
 def cmd_segment(args) -> int:
@@ -43,7 +44,7 @@ def cmd_segment(args) -> int:
     bar = None
     try:
         result = None
-        for item in iter_segment(image, args.model, device=args.device, client=client, **kw):
+        for item in iter_segment(image, args.model, device=args.device, client=client, precision=args.precision, **kw):
             if isinstance(item, Progress):
                 if bar is None:
                     bar = tqdm(total=item.total, unit="tile", desc=inp.name, disable=args.quiet)
@@ -91,7 +92,7 @@ def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
     if client is not None:
         raise SegDiffError("--scheduler works on 2-D images; run stacks without it (slices go one by one)")
     rgb = image.shape[-1] in (3, 4)
-    gen = segment_stack(image, rgb, args.model, device=args.device, **kw)
+    gen = segment_stack(image, rgb, args.model, device=args.device, precision=args.precision, **kw)
     bar = None
     try:
         while True:
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlap", type=float)
     s.add_argument("--batch-size", dest="batch_size", type=int)
     s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32")
     s.add_argument("--scheduler", help="dask.distributed scheduler address: spread tiles over its workers")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     s.add_argument("-q", "--quiet", action="store_true")

@@ -166,6 +166,9 @@ class TilingConfig:
         return max(1, int(round(self.tile * (1.0 - self.overlap))))
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class SegmentConfig:
     """Everything one segmentation run needs besides the image and the model."""
@@ -173,7 +176,11 @@ class SegmentConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     device: str = "auto"
+    # auto = bfloat16 autocast on a CPU with native bf16 (AVX512-BF16/AMX: x2.2 on 7 validation images,
+    # Dice 0.7833 vs 0.7834), float32 elsewhere; fp32 or bf16 force one
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                f"device must be one of auto, cpu, cuda, cuda:N, mps; got {self.device!r}")
+        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
