@@ -13,6 +13,10 @@
 4. flops:  FLOPs of one forward per preset (torch's FlopCounterMode) and achieved FLOP/s against a
            measured fp32 matmul peak on the same machine.
 5. bf16:   bfloat16 autocast against fp32 for the default model: time and mask agreement.
+6. train:  seconds per optimiser step per preset.
+7. compile: one batched sampling forward of the default model (N samples of a 256 tile) eager, eager
+           channels-last and under torch.compile (inductor), side by side, with the compile time and the
+           largest output difference; and the same forward with 1 and with 2 torch threads.
 """
 from __future__ import annotations
 
@@ -69,8 +73,18 @@ def bench_tile(model: SegDiffModel, samples: int, steps: int, tile: int, label: 
         t0 = time.perf_counter()
         m, s = runner(img.numpy(), [0], seed=0)
         t_engine = time.perf_counter() - t0
+        # the engine at its defaults on this machine (bf16 autocast where native, channels-last on the CPU)
+        fast = TileSampler(model, SamplingConfig(samples=samples, steps=steps, seed=0), torch.device("cpu"),
+                           precision="auto")
+        fast(img.numpy(), [0], seed=0)  # warm-up: the first bf16/channels-last call builds its kernels
+        t0 = time.perf_counter()
+        m2, _ = fast(img.numpy(), [0], seed=0)
+        t_fast = time.perf_counter() - t0
+    model.net.to(memory_format=torch.contiguous_format)
     return {"model": label, "tile": tile, "samples": samples, "steps": steps,
             "straightforward_s": t_naive, "engine_s": t_engine, "speedup": t_naive / t_engine,
+            "engine_defaults_s": t_fast, "engine_defaults_precision": fast.precision,
+            "speedup_defaults": t_naive / t_fast, "max_abs_diff_mean_defaults": float(np.abs(m2[0] - ref_m).max()),
             "straightforward_s_per_step": t_naive / steps, "engine_s_per_step": t_engine / steps,
             "max_abs_diff_mean": float(np.abs(m[0] - ref_m).max())}
 
@@ -209,17 +223,22 @@ def bench_flops(names) -> tuple[float, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------------- 5. bf16
-def bench_bf16(model: SegDiffModel, tile: int = 256) -> dict:
+def sample_512() -> np.ndarray:
+    """The shipped H&E sample (512x512 RGB), or seeded noise where the repository's sample is absent."""
     from skimage.io import imread
 
     sample = Path(ns.__file__).parent.parent.parent / "sample_data" / "nuclei_he.png"
-    img = np.asarray(imread(sample))[:tile * 2, :tile * 2, :3] if sample.exists() else \
+    return np.asarray(imread(sample))[:512, :512, :3] if sample.exists() else \
         (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
+
+
+def bench_bf16(model: SegDiffModel) -> dict:
+    img = sample_512()
     t0 = time.perf_counter()
-    a = ns.segment(img, model, seed=0)
+    a = ns.segment(img, model, seed=0, precision="fp32")
     t32 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    b = ns.segment(img, model, seed=0, autocast_bf16=True)
+    b = ns.segment(img, model, seed=0, precision="bf16")
     t16 = time.perf_counter() - t0
     return {"fp32_s": t32, "bf16_s": t16, "speedup": t32 / t16,
             "mask_agreement": float((a.mask == b.mask).mean()),
@@ -252,10 +271,73 @@ def bench_train_step(names_batches) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------- 7. compile
+def _best_of(fn, reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_compile(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
+    """Eager vs channels-last vs torch.compile for one batched forward (the engine's unit of work),
+    and 1 vs 2 threads, measured side by side in this process."""
+    net = model.net.eval()
+    side = int(round(tile * model.config.input_scale))
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1
+    x = torch.randn(samples, 1, side, side, generator=g)
+    t = torch.full((samples,), model.diffusion.T // 2, dtype=torch.long)
+    row: dict = {"model": model.name, "samples": samples, "tile": tile}
+    with torch.inference_mode():
+        feats = net.encode_image(img).repeat_interleave(samples, 0)
+        ref = net(x, t, features=feats)
+        row["eager_s"] = _best_of(lambda: net(x, t, features=feats))
+        threads = torch.get_num_threads()
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            row[f"eager_{n}_threads_s"] = _best_of(lambda: net(x, t, features=feats))
+        torch.set_num_threads(threads)
+        net_cl = net.to(memory_format=torch.channels_last)
+        x_cl, f_cl = x.to(memory_format=torch.channels_last), feats.to(memory_format=torch.channels_last)
+        row["channels_last_s"] = _best_of(lambda: net_cl(x_cl, t, features=f_cl))
+        net.to(memory_format=torch.contiguous_format)
+        try:
+            t0 = time.perf_counter()
+            cnet = torch.compile(net, dynamic=False)
+            out = cnet(x, t, features=feats)
+            row["compile_time_s"] = time.perf_counter() - t0
+            row["compiled_s"] = _best_of(lambda: cnet(x, t, features=feats))
+            row["compiled_max_abs_diff"] = float((out - ref).abs().max())
+            row["compile_speedup"] = row["eager_s"] / row["compiled_s"]
+            # forwards needed before the compile time pays for itself
+            saved = row["eager_s"] - row["compiled_s"]
+            row["break_even_forwards"] = row["compile_time_s"] / saved if saved > 0 else None
+        except Exception as e:  # no C++ compiler, unsupported platform, ...
+            row["compile_error"] = f"{type(e).__name__}: {e}"[:300]
+    # the whole engine on the 512x512 sample, contiguous vs channels-last (the CPU default), side by side
+    img = sample_512()
+    for cl in (False, True, False, True):
+        t0 = time.perf_counter()
+        r = ns.segment(img, model, seed=0, channels_last=cl, precision="fp32")
+        key = "segment_512_channels_last_s" if cl else "segment_512_contiguous_s"
+        row[key] = min(row.get(key, float("inf")), time.perf_counter() - t0)
+        masks = row.setdefault("_masks", {})
+        masks[cl] = r.mask
+    row["segment_512_channels_last_speedup"] = row["segment_512_contiguous_s"] / row["segment_512_channels_last_s"]
+    m = row.pop("_masks")
+    row["channels_last_mask_agreement"] = float((m[False] == m[True]).mean())
+    print(f"  compile: {row}", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    p.add_argument("--only", default="tile,images,scale,flops,bf16,train")
+    p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile")
     p.add_argument("--sizes", default="512,1000,4096", help="image sizes for the images part")
     p.add_argument("--tile-models", default="default,monuseg,vaihingen",
                    help="'default' (the shipped default model) and/or paper presets for the tile part")
@@ -294,6 +376,8 @@ def main(argv=None) -> int:
     if "train" in parts:
         res["train"] = bench_train_step([("cpu-small", 4, 128), ("cpu-medium", 4, 128)] + (
             [] if args.quick else [("monuseg", 1, 256), ("vaihingen", 1, 256), ("cityscapes", 1, 128)]))
+    if "compile" in parts:
+        res["compile"] = bench_compile(model, model.meta.get("sampling", {}).get("samples", 3))
     print_table(res)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +391,9 @@ def print_table(res: dict) -> None:
     for r in res.get("tile", []):
         print(f"tile {r['tile']} {r['model']}: N={r['samples']} T'={r['steps']}: straightforward "
               f"{r['straightforward_s']:.2f} s ({r['straightforward_s_per_step']:.2f} s/step), engine {r['engine_s']:.2f} s "
-              f"({r['engine_s_per_step']:.2f} s/step): x{r['speedup']:.1f} (same noise, max |diff| {r['max_abs_diff_mean']:.1e})")
+              f"({r['engine_s_per_step']:.2f} s/step): x{r['speedup']:.1f} (same noise, max |diff| {r['max_abs_diff_mean']:.1e}); "
+              f"engine at its defaults ({r['engine_defaults_precision']}, channels-last) {r['engine_defaults_s']:.2f} s: "
+              f"x{r['speedup_defaults']:.1f} (max |diff| {r['max_abs_diff_mean_defaults']:.1e})")
     for r in res.get("images", []):
         print(f"image {r['size']}x{r['size']} ({r['model']}, N={r['samples']}, T'={r['steps']}, {r['tiles']} tiles): "
               f"{r['seconds']:.1f} s, {r['mpx_per_min']:.2f} MPx/min, peak RSS {r['peak_rss_mb']:.0f} MB, "
@@ -327,6 +413,21 @@ def print_table(res: dict) -> None:
         r = res["bf16"]
         print(f"bf16 autocast vs fp32 (512x512): {r['fp32_s']:.1f} s vs {r['bf16_s']:.1f} s (x{r['speedup']:.2f}), "
               f"mask agreement {100 * r['mask_agreement']:.2f}%")
+    if "compile" in res:
+        r = res["compile"]
+        print(f"one forward, {r['samples']} samples of a {r['tile']} tile ({r['model']}): eager {r['eager_s']:.2f} s, "
+              f"channels-last {r['channels_last_s']:.2f} s, 1 thread {r['eager_1_threads_s']:.2f} s, "
+              f"2 threads {r['eager_2_threads_s']:.2f} s")
+        print(f"segment() 512x512 ({r['model']} defaults): contiguous {r['segment_512_contiguous_s']:.1f} s, channels-last "
+              f"{r['segment_512_channels_last_s']:.1f} s (x{r['segment_512_channels_last_speedup']:.2f}), masks agree on "
+              f"{100 * r['channels_last_mask_agreement']:.3f}% of pixels")
+        if "compile_error" in r:
+            print(f"torch.compile failed: {r['compile_error']}")
+        else:
+            be = r["break_even_forwards"]
+            print(f"torch.compile: {r['compiled_s']:.2f} s (x{r['compile_speedup']:.2f}) after {r['compile_time_s']:.0f} s "
+                  f"of compiling (pays off after {'never' if be is None else f'{be:.0f} forwards'}), "
+                  f"max |diff| {r['compiled_max_abs_diff']:.1e}")
 
 
 if __name__ == "__main__":
