@@ -200,3 +200,31 @@ def test_default_fraction_split(tmp_path):
     """TrainConfig's default val="0.2" holds out a fraction (it is not an image name)."""
     tr = Trainer(_cfg(tmp_path, val="0.2"), samples=_discs(5))
     assert len(tr.val_set) == 1 and len(tr.train_set) == 4
+
+
+def test_cosine_lr_decay_schedule_and_resume_overrides(tmp_path):
+    samples = _discs(2)
+    tr = Trainer(_cfg(tmp_path / "a", max_steps=100, warmup_steps=10, lr=1e-3, lr_decay_start=50, lr_min=1e-5),
+                 samples=samples)
+    assert tr.lr_at(0) == pytest.approx(1e-4)  # warm-up
+    assert tr.lr_at(20) == tr.lr_at(50) == pytest.approx(1e-3)  # constant until the decay starts
+    lrs = [tr.lr_at(s) for s in range(50, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[0] > lrs[1]  # strictly decaying from the start
+    assert tr.lr_at(75) == pytest.approx((1e-3 + 1e-5) / 2)  # cosine: half-way at the middle
+    assert tr.lr_at(100) == pytest.approx(1e-5) and tr.lr_at(150) == pytest.approx(1e-5)
+    assert Trainer(_cfg(tmp_path / "c", max_steps=100), samples=samples).lr_at(99) == pytest.approx(2e-3)
+    for bad in (dict(lr_decay_start=100, max_steps=100), dict(lr_decay_start=-1), dict(lr_min=1.0, lr=1e-3)):
+        with pytest.raises(SegDiffError, match="lr_"):
+            _cfg(tmp_path, **bad)
+    # a constant-rate run resumed with a decay tail and bf16 autocast: the overrides are honoured
+    b = Trainer(_cfg(tmp_path / "b", max_steps=3), samples=samples)
+    b.fit(progress=False)
+    from napari_segdiff.training.cli import main as train_main
+
+    r = Trainer.resume(tmp_path / "b", samples=samples, max_steps=8, lr_decay_start=4, lr_min=0.0, amp="bf16")
+    assert (r.step, r.cfg.amp, r.cfg.lr_decay_start) == (3, "bf16", 4)
+    r.fit(progress=False)
+    assert r.step == 8 and r.opt.param_groups[0]["lr"] == pytest.approx(r.lr_at(7))
+    assert np.isfinite(float(open(tmp_path / "b" / "log.csv").read().splitlines()[-1].split(",")[2]))
+    with pytest.raises(SystemExit):  # the resume CLI knows the new flags and checks their types
+        train_main(["resume", str(tmp_path / "b"), "--lr-min", "abc"])

@@ -45,6 +45,9 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 200
+    # cosine decay of the learning rate from lr (at lr_decay_start) to lr_min (at max_steps); 0 = constant
+    lr_decay_start: int = 0
+    lr_min: float = 0.0
     max_steps: int = 100000
     max_minutes: float = 0.0  # 0 = no wall-clock limit
     ema_decay: float = 0.999
@@ -67,6 +70,11 @@ class TrainConfig:
         for k in ("crop", "batch_size", "grad_accum", "max_steps", "val_every", "ckpt_every"):
             if int(getattr(self, k)) < 1:
                 raise SegDiffError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not 0 <= self.lr_decay_start < self.max_steps:
+            raise SegDiffError(f"lr_decay_start must be in [0, max_steps={self.max_steps}), got {self.lr_decay_start} "
+                               f"(0 keeps the learning rate constant)")
+        if not 0 <= self.lr_min <= self.lr:
+            raise SegDiffError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min}")
 
     def network_config(self) -> NetworkConfig:
         return get_preset(self.preset, **self.net)
@@ -181,7 +189,12 @@ class Trainer:
                 torch.from_numpy(np.stack(masks)).to(self.device))
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        c = self.cfg
+        lr = c.lr
+        if c.lr_decay_start and step >= c.lr_decay_start:
+            frac = min(1.0, (step - c.lr_decay_start) / max(1, c.max_steps - c.lr_decay_start))
+            lr = c.lr_min + (c.lr - c.lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return lr * min(1.0, (step + 1) / max(1, c.warmup_steps))
 
     def train_step(self) -> float:
         c = self.cfg
