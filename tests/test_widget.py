@@ -122,6 +122,9 @@ def test_rerun_updates_layers_in_place(qtbot, dock):
     assert {layer.name: layer for layer in viewer.layers} == before  # same layer objects, none added
     assert viewer.layers["img mask"].metadata["seed"] == 11
     assert viewer.layers["img mask"].metadata["instances"] is True
+    widget.precision.value = "fp32"  # the precision choice reaches the engine and is recorded
+    run_and_wait(qtbot, widget)
+    assert viewer.layers["img mask"].metadata["precision"] == "fp32"
 
 
 def test_cancel_adds_and_changes_nothing(qtbot, dock):
