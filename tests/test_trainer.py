@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from napari_segdiff import segment
 from napari_segdiff._errors import SegDiffError
 from napari_segdiff.models import load_model
 from napari_segdiff.training.datasets import Sample
-from napari_segdiff.training.trainer import TrainConfig, Trainer, export
+from napari_segdiff.training.trainer import TrainConfig, Trainer, export, pack_checkpoint
 
 try:
     from ._helpers import disc_image
@@ -228,3 +229,38 @@ def test_cosine_lr_decay_schedule_and_resume_overrides(tmp_path):
     assert np.isfinite(float(open(tmp_path / "b" / "log.csv").read().splitlines()[-1].split(",")[2]))
     with pytest.raises(SystemExit):  # the resume CLI knows the new flags and checks their types
         train_main(["resume", str(tmp_path / "b"), "--lr-min", "abc"])
+
+
+def test_packed_checkpoint_is_smaller_and_resumes(tmp_path):
+    import shutil
+
+    from napari_segdiff.training.cli import main as train_main
+
+    samples = _discs(2)
+    a = Trainer(_cfg(tmp_path / "a", max_steps=6, preset="tiny"), samples=samples)
+    a.fit(progress=False)
+    packed = tmp_path / "b" / "last.pt"
+    packed.parent.mkdir()
+    shutil.copy(tmp_path / "a" / "config.json", packed.parent / "config.json")
+    assert train_main(["pack", str(tmp_path / "a"), "-o", str(packed)]) == 0
+    full = (tmp_path / "a" / "last.pt").stat().st_size
+    assert packed.stat().st_size < 0.8 * full
+    st = torch.load(packed, weights_only=True)
+    assert st["packed"] and next(iter(st["ema"].values())).dtype == torch.float16
+    ref = Trainer.resume(tmp_path / "a", samples=samples)
+    got = Trainer.resume(tmp_path / "b", samples=samples)
+    assert got.step == ref.step == 6
+    _assert_same_state(got.net.state_dict(), ref.net.state_dict())  # the model itself is kept exactly
+    for (k, v), w in zip(got.ema.state_dict().items(), ref.ema.state_dict().values()):
+        assert v.dtype == w.dtype and torch.allclose(v, w, rtol=1e-3, atol=1e-4), k
+    sg, sr = got.opt.state_dict()["state"], ref.opt.state_dict()["state"]
+    for i in sr:
+        assert sg[i]["exp_avg"].dtype == torch.float32
+        assert torch.allclose(sg[i]["exp_avg_sq"], sr[i]["exp_avg_sq"], rtol=1e-2, atol=1e-12)
+    got.cfg = dataclasses.replace(got.cfg, max_steps=9)
+    got.fit(progress=False)
+    assert got.step == 9
+    with pytest.raises(SegDiffError, match="itself"):
+        pack_checkpoint(packed, packed)
+    assert train_main(["pack", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "x.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists()

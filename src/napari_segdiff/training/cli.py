@@ -4,6 +4,7 @@
     napari-segdiff-train train --data DIR --preset cpu-small --out runs/x --net base_channels=48
     napari-segdiff-train resume runs/x [--max-minutes 60]
     napari-segdiff-train export runs/x --name my-model -o my-model.pt
+    napari-segdiff-train pack runs/x -o training/x/last.pt   (a smaller resumable copy to commit)
     napari-segdiff-train eval --model my-model.pt --data DIR [--names a,b] [--samples 5 --steps 10]
 """
 from __future__ import annotations
@@ -80,6 +81,16 @@ def cmd_resume(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from .trainer import pack_checkpoint
+
+    src = Path(args.run) / "last.pt" if Path(args.run).is_dir() else Path(args.run)
+    a, b = pack_checkpoint(src, args.output)
+    print(f"wrote {args.output}: {b / 2**20:.1f} MiB (from {a / 2**20:.1f} MiB); resume it by copying it to "
+          f"RUN/last.pt beside RUN/config.json")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .trainer import export
 
@@ -128,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
                        type=type(f.default) if not isinstance(f.default, str) else str)
     r.set_defaults(func=cmd_resume)
+    k = sub.add_parser("pack", help="a smaller resumable copy of a run's last.pt (float16 EMA, bfloat16 Adam "
+                                    "moments) to keep between sessions")
+    k.add_argument("run", help="a run folder (its last.pt) or a checkpoint file")
+    k.add_argument("-o", "--output", required=True)
+    k.set_defaults(func=cmd_pack)
     e = sub.add_parser("export", help="turn a run's best EMA checkpoint into an inference model file")
     e.add_argument("run")
     e.add_argument("--name", required=True)

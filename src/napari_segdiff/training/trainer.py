@@ -330,6 +330,32 @@ class Trainer:
         return {"step": self.step, "best": self.best}
 
 
+def pack_checkpoint(src: str | Path, dst: str | Path) -> tuple[int, int]:
+    """Write a smaller resumable state (for committing to a repository between sessions): the model
+    stays float32, the EMA is stored in float16 (what ``export`` ships anyway) and Adam's moments in
+    bfloat16; step, RNG states and config are kept. ``resume`` reads it like any checkpoint (the
+    optimizer and the EMA cast back to float32), so training continues, not bit-identically. Returns
+    the sizes in bytes of ``src`` and ``dst``."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise SegDiffError(f"pack writes a new file; {dst} is the checkpoint itself: choose another output")
+    try:
+        st = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holding code
+        raise SegDiffError(f"{src} could not be read as a training checkpoint ({type(e).__name__}); "
+                           f"give a run folder or its last.pt") from None
+    if not isinstance(st, dict) or not {"model", "ema", "opt", "step"} <= set(st):
+        raise SegDiffError(f"{src} is not a training checkpoint (last.pt or best.pt of a run)")
+    st["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in st["ema"].items()}
+    for s in st["opt"]["state"].values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in s:
+                s[k] = s[k].to(torch.bfloat16)
+    st["packed"] = True
+    atomic_write_bytes(dst, lambda f: torch.save(st, f))
+    return src.stat().st_size, dst.stat().st_size
+
+
 def export(run_dir: str | Path, out: str | Path, name: str, checkpoint: str = "best.pt",
            sampling: dict[str, Any] | None = None, extra_meta: dict[str, Any] | None = None) -> tuple[Path, str, bool]:
     """The EMA weights of a checkpoint as a small inference file. fp16 when its outputs stay within
