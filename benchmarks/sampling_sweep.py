@@ -13,6 +13,7 @@ overlap here (the paper's protocol: stride 256). Seconds are measured separately
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -21,15 +22,16 @@ import numpy as np
 import torch
 
 import napari_segdiff as ns
-from napari_segdiff.engine import tile_seed
+from napari_segdiff.engine import resolve_precision, tile_seed
 from napari_segdiff.tiling import iter_windows, window_grid
 from napari_segdiff.training.datasets import load_dataset, split_samples
 from napari_segdiff.training.metrics import all_metrics
 from napari_segdiff.transforms import as_hwc, intensity_range, to_chw
 
 
-def per_sample_maps(model, image, steps, n, seed=0, tile=256):
-    """(n, H, W) probability map of each sample, stitched with overlap 0 windows."""
+def per_sample_maps(model, image, steps, n, seed=0, tile=256, precision="fp32"):
+    """(n, H, W) probability map of each sample, stitched with overlap 0 windows; ``precision`` as
+    in ``segment()`` (bf16 = bfloat16 autocast with channels-last convolutions, the CPU default)."""
     arr = as_hwc(image, model.config.in_channels)
     H, W = arr.shape[:2]
     scale = intensity_range(arr)
@@ -44,11 +46,15 @@ def per_sample_maps(model, image, steps, n, seed=0, tile=256):
         if h != tile:
             x = torch.nn.functional.interpolate(x, size=(h, h), mode="area")
         g = torch.Generator().manual_seed(tile_seed(seed, win.index))
-        with torch.inference_mode():
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        if precision == "bf16":
+            net.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), ctx:
             f = net.encode_image(x).repeat_interleave(n, 0)
             x0 = diff.sample(lambda xt, t: net(xt, t, features=f), (n, 1, h, h), steps=steps,
                              noise_fn=lambda shp: torch.randn(shp, generator=g))
-            p = (x0.clamp(-1, 1) + 1) / 2
+            p = (x0.float().clamp(-1, 1) + 1) / 2
             if h != tile:
                 p = torch.nn.functional.interpolate(p, size=(tile, tile), mode="bilinear", align_corners=False)
         p = p[:, 0].numpy()
@@ -65,9 +71,12 @@ def main(argv=None):
     ap.add_argument("--steps", default="1,2,3,5,10")
     ap.add_argument("--samples", default="1,3,5")
     ap.add_argument("--time", default="", help="'N:T,N:T,...' settings to time with segment() on the first image")
+    ap.add_argument("--precision", default="auto", help="auto (what segment() uses here), fp32 or bf16")
     ap.add_argument("--json", default="bench_out/sweep.json")
     a = ap.parse_args(argv)
     model = ns.load_model(a.model)
+    precision = resolve_precision(a.precision, torch.device("cpu"))
+    print(f"precision {precision}", flush=True)
     _, val = split_samples(load_dataset(a.data), a.names)
     steps = [int(v) for v in a.steps.split(",")]
     samples = [int(v) for v in a.samples.split(",")]
@@ -76,7 +85,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         per = {N: [] for N in samples}
         for smp in val:
-            maps = per_sample_maps(model, smp.image, T, max(samples))
+            maps = per_sample_maps(model, smp.image, T, max(samples), precision=precision)
             for N in samples:
                 per[N].append(all_metrics(maps[:N].mean(0), smp.mask))
         for N in samples:
@@ -89,14 +98,16 @@ def main(argv=None):
     for item in [t for t in a.time.split(",") if t]:
         N, T = (int(v) for v in item.split(":"))
         t0 = time.perf_counter()
-        r = ns.segment(val[0].image, model, samples=N, steps=T, seed=0)
+        r = ns.segment(val[0].image, model, samples=N, steps=T, seed=0, precision=precision)
         timings.append({"samples": N, "steps": T, "seconds": time.perf_counter() - t0, "image": val[0].name,
-                        "shape": list(val[0].image.shape), "tiles": r.info["tiles"], "overlap": r.info["overlap"]})
+                        "shape": list(val[0].image.shape), "tiles": r.info["tiles"], "overlap": r.info["overlap"],
+                        "precision": precision})
         print(f"segment() samples {N} steps {T}: {timings[-1]['seconds']:.1f} s on {val[0].name} "
               f"({r.info['tiles']} tiles, overlap {r.info['overlap']})", flush=True)
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model.name, "sha256": model.sha256, "images": [s.name for s in val],
+    out.write_text(json.dumps({"model": model.name, "sha256": model.sha256, "precision": precision,
+                               "images": [s.name for s in val],
                                "grid": rows, "timings": timings, "torch_threads": torch.get_num_threads()}, indent=2))
     print(f"wrote {out}")
 
