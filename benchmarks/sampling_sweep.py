@@ -13,7 +13,6 @@ overlap here (the paper's protocol: stride 256). Seconds are measured separately
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 import napari_segdiff as ns
-from napari_segdiff.engine import resolve_precision, tile_seed
+from napari_segdiff.engine import precision_context, resolve_precision, tile_seed
 from napari_segdiff.tiling import iter_windows, window_grid
 from napari_segdiff.training.datasets import load_dataset, split_samples
 from napari_segdiff.training.metrics import all_metrics
@@ -40,17 +39,17 @@ def per_sample_maps(model, image, steps, n, seed=0, tile=256, precision="fp32"):
     cnt = np.zeros((H, W), np.float32)
     net, diff = model.net, model.diffusion
     s = model.config.input_scale
+    if precision == "bf16":  # as the engine runs on the CPU: channels-last convolutions (in place, once)
+        net.to(memory_format=torch.channels_last)
     for win, block in iter_windows(arr, wins, tile):
         x = torch.from_numpy(to_chw(scale.apply(block))[None])
         h = int(round(tile * s))
         if h != tile:
             x = torch.nn.functional.interpolate(x, size=(h, h), mode="area")
         g = torch.Generator().manual_seed(tile_seed(seed, win.index))
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         if precision == "bf16":
-            net.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), precision_context(precision, torch.device("cpu")):
             f = net.encode_image(x).repeat_interleave(n, 0)
             x0 = diff.sample(lambda xt, t: net(xt, t, features=f), (n, 1, h, h), steps=steps,
                              noise_fn=lambda shp: torch.randn(shp, generator=g))

@@ -100,6 +100,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def precision_context(precision: str, device: torch.device):
+    """The autocast context of a resolved precision (``bf16`` or ``fp32``)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def estimate_sample_bytes(cfg, tile: int) -> int:
     """Peak inference memory of one sample of one tile: activations (measured on CPU at about 66 bytes
     per pixel per base channel for the cpu presets) plus the attention matrices of the attention levels."""
@@ -177,9 +184,7 @@ class TileSampler:
         def noise_fn(shape):  # per-tile generators: batching does not change the noise
             return torch.cat([torch.randn((N, 1, h, w), generator=g) for g in gens])
 
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" \
-            else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), precision_context(self.precision, self.device):
             x_img = torch.from_numpy(images).to(self.device)
             if (h, w) != (h0, w0):
                 x_img = torch.nn.functional.interpolate(x_img, size=(h, w), mode="area" if scale < 1 else "bilinear")
@@ -330,6 +335,7 @@ def iter_segment(
     if client is not None:
         from ._distributed import distributed_tiles
 
+        # workers resolve device and precision themselves: theirs may differ from this process's
         results = distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, run_seed,
                                     device=device or (config.device if config else "auto"),
                                     precision=precision or cfg.precision)
