@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 
@@ -114,6 +115,11 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
     assert engine.resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setattr(engine, "native_bf16", lambda device: False)
     assert engine.resolve_precision("auto", cpu) == "fp32"
-    assert engine.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured even where slow
+    with pytest.warns(RuntimeWarning, match="emulates"):  # asked for: honoured, with a warning that it is slow
+        assert engine.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # native: no warning
+        assert engine.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(SegDiffError, match="precision"):
         engine.resolve_precision("half", cpu)

@@ -222,13 +222,33 @@ def test_cosine_lr_decay_schedule_and_resume_overrides(tmp_path):
     b.fit(progress=False)
     from napari_segdiff.training.cli import main as train_main
 
-    r = Trainer.resume(tmp_path / "b", samples=samples, max_steps=8, lr_decay_start=4, lr_min=0.0, amp="bf16")
-    assert (r.step, r.cfg.amp, r.cfg.lr_decay_start) == (3, "bf16", 4)
+    r = Trainer.resume(tmp_path / "b", samples=samples, max_steps=8, lr_decay_start=4, lr_min=0.0, amp="bf16",
+                       lr=5e-4)
+    assert (r.step, r.cfg.amp, r.cfg.lr_decay_start, r.cfg.lr) == (3, "bf16", 4, 5e-4)
+    assert r.lr_at(4) == pytest.approx(5e-4 * min(1.0, 5 / r.cfg.warmup_steps))  # restart at the new peak
     r.fit(progress=False)
     assert r.step == 8 and r.opt.param_groups[0]["lr"] == pytest.approx(r.lr_at(7))
     assert np.isfinite(float(open(tmp_path / "b" / "log.csv").read().splitlines()[-1].split(",")[2]))
     with pytest.raises(SystemExit):  # the resume CLI knows the new flags and checks their types
         train_main(["resume", str(tmp_path / "b"), "--lr-min", "abc"])
+    with pytest.raises(SystemExit):
+        train_main(["resume", str(tmp_path / "b"), "--lr", "fast"])
+
+
+def test_bf16_training_on_a_cpu_without_native_bf16_warns(tmp_path, monkeypatch):
+    """Emulated bf16 measured x25 slower per step than float32 on an AVX2 CPU: say so, name the fix."""
+    import warnings
+
+    from napari_segdiff.training import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="--amp none"):
+        Trainer(_cfg(tmp_path / "a", amp="bf16"), samples=_discs(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(_cfg(tmp_path / "b", amp="none"), samples=_discs(2))
+        monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: True)
+        Trainer(_cfg(tmp_path / "c", amp="bf16"), samples=_discs(2))
 
 
 def test_packed_checkpoint_is_smaller_and_resumes(tmp_path):

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="continue a run exactly where its last checkpoint left it")
     r.add_argument("run")
     for k in ("max_steps", "max_minutes", "val_every", "ckpt_every", "device", "threads", "data", "amp",
-              "lr_decay_start", "lr_min"):
+              "lr", "lr_decay_start", "lr_min"):
         f = {f.name: f for f in dataclasses.fields(TrainConfig)}[k]
         r.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
                        type=type(f.default) if not isinstance(f.default, str) else str)
