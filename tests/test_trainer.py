@@ -239,15 +239,15 @@ def test_bf16_training_on_a_cpu_without_native_bf16_warns(tmp_path, monkeypatch)
     """Emulated bf16 measured x25 slower per step than float32 on an AVX2 CPU: say so, name the fix."""
     import warnings
 
-    from napari_segdiff.training import trainer as trainer_mod
+    from napari_segdiff import engine
 
-    monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
     with pytest.warns(RuntimeWarning, match="--amp none"):
         Trainer(_cfg(tmp_path / "a", amp="bf16"), samples=_discs(2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(_cfg(tmp_path / "b", amp="none"), samples=_discs(2))
-        monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: True)
+        monkeypatch.setattr(engine, "native_bf16", lambda device: True)
         Trainer(_cfg(tmp_path / "c", amp="bf16"), samples=_discs(2))
 
 

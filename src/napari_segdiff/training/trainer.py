@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from .._errors import SegDiffError
 from ..config import NetworkConfig, get_preset
 from ..diffusion import Diffusion
-from ..engine import BF16_EMULATED, native_bf16, resolve_device, segment
+from ..engine import resolve_device, segment, warn_if_bf16_emulated
 from ..models import SegDiffModel, atomic_write_bytes, save_model
 from ..network import SegDiffNet, count_parameters
 from .augment import augment_pair, get_augment
@@ -117,8 +116,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.amp == "bf16" and self.device.type == "cpu" and not native_bf16(self.device):
-            warnings.warn(BF16_EMULATED, RuntimeWarning, stacklevel=2)
+        if cfg.amp == "bf16":
+            warn_if_bf16_emulated(self.device)
         self.net_cfg = cfg.network_config()
         if cfg.crop % self.net_cfg.downsample_factor:
             raise SegDiffError(f"crop {cfg.crop} must be a multiple of {self.net_cfg.downsample_factor}")
