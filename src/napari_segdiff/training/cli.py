@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SegDiffError
+from ..config import PRECISIONS
 from .trainer import TrainConfig
 
 
@@ -118,7 +119,7 @@ def cmd_eval(args) -> int:
 
     evaluate_folder(args.model, args.data, fmt=args.format, names=args.names, samples=args.samples,
                     steps=args.steps, seed=args.seed, overlap=args.overlap, out_json=args.json,
-                    device=args.device)
+                    device=args.device, precision=args.precision)
     return 0
 
 
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--overlap", type=float, default=None)
     v.add_argument("--device", default="auto")
+    v.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (what segment() uses on this machine: bf16 where the CPU has it natively), fp32 or bf16")
     v.add_argument("--json", default=None, help="write the report here (default: next to nothing, print only)")
     v.set_defaults(func=cmd_eval)
     return p

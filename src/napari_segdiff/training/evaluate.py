@@ -16,13 +16,13 @@ METRICS = ("dice", "iou", "wcov", "boundf", "calibration", "ece")
 
 
 def evaluate_samples(model, samples, *, samples_n=None, steps="default", seed=0, overlap=None, device="auto",
-                     verbose=True) -> dict:
+                     precision="auto", verbose=True) -> dict:
     mdl = load_model(model, device="cpu") if not hasattr(model, "net") else model
     rows = []
     settings = None
     t0 = time.perf_counter()
     for s in samples:
-        kw = {"seed": seed, "device": device}
+        kw = {"seed": seed, "device": device, "precision": precision}
         if samples_n is not None:
             kw["samples"] = samples_n
         if steps != "default":
@@ -34,7 +34,7 @@ def evaluate_samples(model, samples, *, samples_n=None, steps="default", seed=0,
         m["seconds"] = r.info["seconds"]
         rows.append({"image": s.name, **m})
         settings = {k: r.info[k] for k in ("model", "sha256", "samples", "steps", "sampler", "seed", "tile",
-                                           "overlap", "device")}
+                                           "overlap", "device", "precision")}
         if verbose:
             print(f"{s.name:40s} " + " ".join(f"{k} {m[k]:.4f}" for k in METRICS))
     mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS + ("seconds",)}
@@ -44,12 +44,12 @@ def evaluate_samples(model, samples, *, samples_n=None, steps="default", seed=0,
 
 
 def evaluate_folder(model, data, fmt="folder", names=None, samples=None, steps=None, seed=0, overlap=None,
-                    out_json=None, device="auto") -> dict:
+                    out_json=None, device="auto", precision="auto") -> dict:
     data_samples = load_dataset(data, fmt)
     if names:
         _, data_samples = split_samples(data_samples, names)
     report = evaluate_samples(model, data_samples, samples_n=samples, steps=steps if steps is not None else "default",
-                              seed=seed, overlap=overlap, device=device)
+                              seed=seed, overlap=overlap, device=device, precision=precision)
     report["data"] = str(data)
     if out_json:
         atomic_write_bytes(out_json, lambda f: f.write(json.dumps(report, indent=2).encode()))

@@ -1,0 +1,72 @@
+"""`napari-segdiff-train eval`: the scores are those of the images segmented as users get them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from skimage.io import imsave
+
+from napari_segdiff import segment
+from napari_segdiff.models import load_model, save_model
+from napari_segdiff.training.cli import main
+from napari_segdiff.training.metrics import all_metrics
+
+try:
+    from ._helpers import disc_image, tiny_model
+except ImportError:  # tests/ is not a package
+    from _helpers import disc_image, tiny_model
+
+
+@pytest.fixture(scope="module")
+def folder_and_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    (root / "data" / "images").mkdir(parents=True)
+    (root / "data" / "masks").mkdir()
+    for i in range(3):
+        img, mask = disc_image(64, seed=i, n_discs=4)
+        imsave(root / "data" / "images" / f"img{i}.png", img, check_contrast=False)
+        imsave(root / "data" / "masks" / f"img{i}.png", mask.astype(np.uint8) * 255, check_contrast=False)
+    path = root / "tiny.pt"
+    save_model(tiny_model(seed=0), path, meta={"tiling": {"tile": 32}})  # the tiny net is for 32-px tiles
+    return root, path
+
+
+def test_eval_cli_scores_each_named_image_as_segment_does(folder_and_model, capsys):
+    root, path = folder_and_model
+    out = root / "report.json"
+    rc = main(["eval", "--model", str(path), "--data", str(root / "data"), "--names", "img0,img2",
+               "--samples", "2", "--steps", "2", "--precision", "fp32", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [r["image"] for r in report["images"]] == ["img0", "img2"]  # only the named ones
+    s = report["settings"]
+    assert (s["samples"], s["steps"], s["precision"], s["seed"], s["tile"]) == (2, 2, "fp32", 0, 32)
+    # the mean is the mean of the per-image rows
+    for k in ("dice", "iou", "calibration"):
+        assert report["mean"][k] == pytest.approx(np.mean([r[k] for r in report["images"]]))
+    # each row is segment() with the same settings, scored against that image's mask
+    from skimage.io import imread
+    mdl = load_model(path)
+    for row in report["images"]:
+        img = imread(root / "data" / "images" / f"{row['image']}.png")
+        mask = imread(root / "data" / "masks" / f"{row['image']}.png") > 0
+        r = segment(img, mdl, samples=2, steps=2, seed=0, precision="fp32")
+        ref = all_metrics(r.probability, mask)
+        assert row["dice"] == pytest.approx(ref["dice"]) and row["iou"] == pytest.approx(ref["iou"])
+    assert "mean (2 images)" in capsys.readouterr().out
+
+
+def test_eval_cli_refuses_an_unknown_precision(folder_and_model, capsys):
+    root, path = folder_and_model
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(path), "--data", str(root / "data"), "--precision", "fp16"])
+    assert e.value.code == 2
+    assert "fp16" in capsys.readouterr().err
+
+
+def test_eval_cli_names_an_unknown_image(folder_and_model, capsys):
+    root, path = folder_and_model
+    rc = main(["eval", "--model", str(path), "--data", str(root / "data"), "--names", "img9"])
+    assert rc == 2
+    assert "img9" in capsys.readouterr().err
