@@ -30,7 +30,9 @@ from napari_segdiff.transforms import as_hwc, intensity_range, to_chw
 
 def per_sample_maps(model, image, steps, n, seed=0, tile=256, precision="fp32"):
     """(n, H, W) probability map of each sample, stitched with overlap 0 windows; ``precision`` as
-    in ``segment()`` (bf16 = bfloat16 autocast with channels-last convolutions, the CPU default)."""
+    in ``segment()`` (bf16 = bfloat16 autocast); convolutions run channels-last, as ``segment()`` runs them on
+    the CPU in every precision. The N-sample figures use the first N of ``n`` samples drawn together, so their
+    noise differs from a ``segment(samples=N)`` call's (the 4th digit of the 3 x 2 IoU, measured)."""
     arr = as_hwc(image, model.config.in_channels)
     H, W = arr.shape[:2]
     scale = intensity_range(arr)
@@ -39,19 +41,18 @@ def per_sample_maps(model, image, steps, n, seed=0, tile=256, precision="fp32"):
     cnt = np.zeros((H, W), np.float32)
     net, diff = model.net, model.diffusion
     s = model.config.input_scale
-    if precision == "bf16":  # as the engine runs on the CPU: channels-last convolutions (in place, once)
-        net.to(memory_format=torch.channels_last)
+    net.to(memory_format=torch.channels_last)  # as the engine runs on the CPU (in place, once)
     for win, block in iter_windows(arr, wins, tile):
         x = torch.from_numpy(to_chw(scale.apply(block))[None])
         h = int(round(tile * s))
         if h != tile:
             x = torch.nn.functional.interpolate(x, size=(h, h), mode="area")
         g = torch.Generator().manual_seed(tile_seed(seed, win.index))
-        if precision == "bf16":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), precision_context(precision, torch.device("cpu")):
             f = net.encode_image(x).repeat_interleave(n, 0)
-            x0 = diff.sample(lambda xt, t: net(xt, t, features=f), (n, 1, h, h), steps=steps,
+            x0 = diff.sample(lambda xt, t: net(xt.contiguous(memory_format=torch.channels_last), t, features=f),
+                             (n, 1, h, h), steps=steps,
                              noise_fn=lambda shp: torch.randn(shp, generator=g))
             p = (x0.float().clamp(-1, 1) + 1) / 2
             if h != tile:
