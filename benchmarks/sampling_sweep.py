@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 import napari_segdiff as ns
-from napari_segdiff.engine import precision_context, resolve_precision, tile_seed
+from napari_segdiff.config import SamplingConfig
+from napari_segdiff.engine import TileSampler, resolve_precision
 from napari_segdiff.tiling import iter_windows, window_grid
 from napari_segdiff.training.datasets import load_dataset, split_samples
 from napari_segdiff.training.metrics import all_metrics
@@ -29,35 +30,20 @@ from napari_segdiff.transforms import as_hwc, intensity_range, to_chw
 
 
 def per_sample_maps(model, image, steps, n, seed=0, tile=256, precision="fp32"):
-    """(n, H, W) probability map of each sample, stitched with overlap 0 windows; ``precision`` as
-    in ``segment()`` (bf16 = bfloat16 autocast); convolutions run channels-last, as ``segment()`` runs them on
-    the CPU in every precision. The N-sample figures use the first N of ``n`` samples drawn together, so their
-    noise differs from a ``segment(samples=N)`` call's (the 4th digit of the 3 x 2 IoU, measured)."""
+    """(n, H, W) probability map of each sample, stitched with overlap 0 windows, sampled by the engine's
+    :class:`TileSampler` (its layout, precision and per-tile seeds); each map resized to the tile as drawn."""
     arr = as_hwc(image, model.config.in_channels)
     H, W = arr.shape[:2]
     scale = intensity_range(arr)
     wins = window_grid((H, W), tile, tile)
     out = np.zeros((n, H, W), np.float32)
     cnt = np.zeros((H, W), np.float32)
-    net, diff = model.net, model.diffusion
-    s = model.config.input_scale
-    net.to(memory_format=torch.channels_last)  # as the engine runs on the CPU (in place, once)
+    runner = TileSampler(model, SamplingConfig(samples=n, steps=steps), torch.device("cpu"), precision)
     for win, block in iter_windows(arr, wins, tile):
-        x = torch.from_numpy(to_chw(scale.apply(block))[None])
-        h = int(round(tile * s))
-        if h != tile:
-            x = torch.nn.functional.interpolate(x, size=(h, h), mode="area")
-        g = torch.Generator().manual_seed(tile_seed(seed, win.index))
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), precision_context(precision, torch.device("cpu")):
-            f = net.encode_image(x).repeat_interleave(n, 0)
-            x0 = diff.sample(lambda xt, t: net(xt.contiguous(memory_format=torch.channels_last), t, features=f),
-                             (n, 1, h, h), steps=steps,
-                             noise_fn=lambda shp: torch.randn(shp, generator=g))
-            p = (x0.float().clamp(-1, 1) + 1) / 2
-            if h != tile:
-                p = torch.nn.functional.interpolate(p, size=(tile, tile), mode="bilinear", align_corners=False)
-        p = p[:, 0].numpy()
+        p = runner.sample_maps(to_chw(scale.apply(block))[None], [win.index], seed)
+        if p.shape[-2:] != (tile, tile):
+            p = torch.nn.functional.interpolate(p, size=(tile, tile), mode="bilinear", align_corners=False)
+        p = p[0].numpy()
         out[:, win.y:win.y + win.h, win.x:win.x + win.w] += p[:, :win.h, :win.w]
         cnt[win.y:win.y + win.h, win.x:win.x + win.w] += 1
     return out / cnt

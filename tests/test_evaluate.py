@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from skimage.io import imsave
+from skimage.io import imread, imsave
 
 from napari_segdiff import segment
 from napari_segdiff.models import load_model, save_model
@@ -46,7 +46,6 @@ def test_eval_cli_scores_each_named_image_as_segment_does(folder_and_model, caps
     for k in ("dice", "iou", "calibration"):
         assert report["mean"][k] == pytest.approx(np.mean([r[k] for r in report["images"]]))
     # each row is segment() with the same settings, scored against that image's mask
-    from skimage.io import imread
     mdl = load_model(path)
     for row in report["images"]:
         img = imread(root / "data" / "images" / f"{row['image']}.png")

@@ -184,8 +184,9 @@ class TileSampler:
         self.network_evaluations = 0
         self.encoder_evaluations = 0
 
-    def __call__(self, images: np.ndarray, indices: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """images: (B, C, h, w) in [-1, 1]. Returns per-tile sample mean and second moment (B, h, w)."""
+    def sample_maps(self, images: np.ndarray, indices: list[int], seed: int) -> torch.Tensor:
+        """images: (B, C, h, w) in [-1, 1]. Returns every sample's probability map, (B, N, h', w') at the
+        network's resolution (h' = h * input_scale), in float32."""
         s = self.sampling
         net, diff = self.model.net, self.model.diffusion
         B, _, h0, w0 = images.shape
@@ -215,9 +216,14 @@ class TileSampler:
 
             x0 = diff.sample(model_fn, (B * N, 1, h, w), steps=s.steps, sampler=s.sampler, eta=s.eta,
                              device=self.device, noise_fn=noise_fn)
-        p = ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, h, w)
+        return ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, h, w)
+
+    def __call__(self, images: np.ndarray, indices: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """images: (B, C, h, w) in [-1, 1]. Returns per-tile sample mean and second moment (B, h, w)."""
+        p = self.sample_maps(images, indices, seed)
+        h0, w0 = images.shape[-2:]
         mean, second = p.mean(dim=1, keepdim=True), (p * p).mean(dim=1, keepdim=True)
-        if (h, w) != (h0, w0):  # bilinear weights are convex: the moments stay a valid mixture
+        if p.shape[-2:] != (h0, w0):  # bilinear weights are convex: the moments stay a valid mixture
             mean, second = (torch.nn.functional.interpolate(a, size=(h0, w0), mode="bilinear", align_corners=False)
                             for a in (mean, second))
         return mean[:, 0].cpu().numpy(), second[:, 0].cpu().numpy()
