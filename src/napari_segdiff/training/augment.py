@@ -24,6 +24,13 @@ class AugmentConfig:
     contrast: float = 0.0
     saturation: float = 0.0
     hue: float = 0.0
+    # place/scanner shift: gamma in [1/(1+g), 1+g], a Gaussian blur or an unsharp mask (probability
+    # each), JPEG re-compression at quality 30-90 (probability) and Gaussian noise (sigma in 0-255 units)
+    gamma: float = 0.0
+    blur: float = 0.0
+    sharpen: float = 0.0
+    jpeg: float = 0.0
+    noise: float = 0.0
 
 
 AUGMENT_PRESETS = {
@@ -31,6 +38,10 @@ AUGMENT_PRESETS = {
     "monuseg": AugmentConfig((-22, 22), (0.75, 1.25), True, True, 0.2, 0.2, 0.2, 0.02),
     # Vaihingen (as [7]): 0-360 deg, scale 0.75-1.5, h+v flips, jitter 0.6/0.5/0.4/0.025
     "vaihingen": AugmentConfig((0, 360), (0.75, 1.5), True, True, 0.6, 0.5, 0.4, 0.025),
+    # aerial tiles from places the model never saw: all rotations, scale 0.5-2x (pixel sizes differ),
+    # strong colour jitter, gamma, blur/sharpen, JPEG and sensor noise
+    "aerial-shift": AugmentConfig((0, 360), (0.5, 2.0), True, True, 0.4, 0.4, 0.5, 0.05,
+                                  gamma=0.5, blur=0.25, sharpen=0.2, jpeg=0.3, noise=4.0),
     # Cityscapes (as [14]): scale 0.75-1.25, +-22 deg, horizontal flip
     "cityscapes": AugmentConfig((-22, 22), (0.75, 1.25), True, False),
     "none": AugmentConfig((0, 0), (1, 1), False, False),
@@ -82,6 +93,31 @@ def colour_jitter(img: np.ndarray, aug: AugmentConfig, rng: np.random.Generator)
     return np.clip(x, 0.0, 1.0) * 255.0
 
 
+def degrade(img: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """img: float (h, w, 3) in [0, 255]; gamma, blur or sharpen, JPEG and noise as ``aug`` asks."""
+    x = img
+    if aug.gamma:
+        g = float(np.exp(rng.uniform(-np.log1p(aug.gamma), np.log1p(aug.gamma))))
+        x = 255.0 * (np.clip(x, 0, 255) / 255.0) ** g
+    r = rng.random()
+    if r < aug.blur:
+        x = ndimage.gaussian_filter(x, (rng.uniform(0.5, 1.5),) * 2 + (0,))
+    elif r < aug.blur + aug.sharpen:
+        soft = ndimage.gaussian_filter(x, (1.0, 1.0, 0))
+        x = x + rng.uniform(0.3, 1.0) * (x - soft)
+    if aug.jpeg and rng.random() < aug.jpeg:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(30, 91)))
+        x = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), np.float32)
+    if aug.noise:
+        x = x + rng.normal(0.0, rng.uniform(0, aug.noise), x.shape)
+    return np.clip(x, 0.0, 255.0)
+
+
 def _hue_shift(x: np.ndarray, h: float) -> np.ndarray:
     # rotate chroma around the grey axis in YIQ space (a hue rotation by 2*pi*h)
     t = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -94,4 +130,7 @@ def _hue_shift(x: np.ndarray, h: float) -> np.ndarray:
 def augment_pair(image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     img, msk = random_affine_crop(image, mask, size, aug, rng)
-    return colour_jitter(img, aug, rng), msk
+    img = colour_jitter(img, aug, rng)
+    if aug.gamma or aug.blur or aug.sharpen or aug.jpeg or aug.noise:
+        img = degrade(img, aug, rng)
+    return img, msk

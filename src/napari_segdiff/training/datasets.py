@@ -139,6 +139,10 @@ def split_samples(samples: list[Sample], val: str | float | list[str], seed: int
     """Hold out a validation split: a list of names (or a file listing them) or a fraction chosen
     reproducibly from ``seed``."""
     names = [s.name for s in samples]
+    if isinstance(val, str) and val.strip().lower() in ("", "none"):
+        if not samples:
+            raise SegDiffError("no training images")
+        return list(samples), []
     if isinstance(val, str) and Path(val).is_file():
         val = [ln.strip() for ln in Path(val).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     elif isinstance(val, str):

@@ -8,7 +8,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,10 @@ from .datasets import Sample, load_dataset, split_samples
 from .metrics import all_metrics
 
 
+#: validation metrics the trainer can select checkpoints by, with their direction (+1: higher is better)
+METRIC_DIRECTION = {"dice": 1, "iou": 1, "wcov": 1, "boundf": 1, "calibration": -1, "ece": -1, "loss": -1}
+
+
 @dataclass
 class TrainConfig:
     """Every training setting; saved as ``config.json`` beside the checkpoints."""
@@ -38,6 +41,9 @@ class TrainConfig:
     val: str = "0.2"  # fraction, comma-separated names, or a file of names
     preset: str = "cpu-small"
     net: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's NetworkConfig
+    # start from a trained model's weights (a shipped model name or a model file); its network
+    # configuration replaces preset + net, which must then be left at their defaults or agree
+    init: str = ""
     augment: str = "monuseg"
     crop: int = 128
     batch_size: int = 4
@@ -65,11 +71,15 @@ class TrainConfig:
     out: str = "runs/run"
 
     def __post_init__(self) -> None:
+        if self.select_metric not in METRIC_DIRECTION:
+            raise SegDiffError(f"select_metric must be one of {', '.join(METRIC_DIRECTION)}, got {self.select_metric!r}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise SegDiffError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
-        for k in ("crop", "batch_size", "grad_accum", "max_steps", "val_every", "ckpt_every"):
-            if int(getattr(self, k)) < 1:
-                raise SegDiffError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("crop", "batch_size", "grad_accum", "max_steps", "val_every", "ckpt_every", "val_samples",
+                  "val_steps", "val_tile", "warmup_steps"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < (0 if k == "warmup_steps" else 1):
+                raise SegDiffError(f"{k} must be an integer >= {0 if k == 'warmup_steps' else 1}, got {v!r}")
         if not 0 <= self.lr_decay_start < self.max_steps:
             raise SegDiffError(f"lr_decay_start must be in [0, max_steps={self.max_steps}), got {self.lr_decay_start} "
                                f"(0 keeps the learning rate constant)")
@@ -77,7 +87,22 @@ class TrainConfig:
             raise SegDiffError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min}")
 
     def network_config(self) -> NetworkConfig:
-        return get_preset(self.preset, **self.net)
+        if self.init:
+            from ..models import load_model
+
+            cfg = load_model(self.init).config
+            clash = {k: v for k, v in self.net.items() if getattr(cfg, k, None) != v}
+            if clash:
+                raise SegDiffError(f"net overrides {clash} disagree with the network of init model {self.init!r}; "
+                                   "a warm start keeps the model's network: drop them or drop init")
+            return cfg
+        if not isinstance(self.net, dict):
+            raise SegDiffError(f"net must be a mapping of network settings, got {self.net!r}")
+        try:
+            return get_preset(self.preset, **self.net)
+        except TypeError as e:  # an unknown key or a value of the wrong type
+            names = sorted(f.name for f in dataclasses.fields(NetworkConfig))
+            raise SegDiffError(f"network overrides {self.net} are not valid ({e}); keys: {', '.join(names)}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,8 +144,17 @@ class Trainer:
         if cfg.amp == "bf16":
             warn_if_bf16_emulated(self.device)
         self.net_cfg = cfg.network_config()
-        if cfg.crop % self.net_cfg.downsample_factor:
-            raise SegDiffError(f"crop {cfg.crop} must be a multiple of {self.net_cfg.downsample_factor}")
+        f = self.net_cfg.downsample_factor
+        if cfg.crop % f:
+            raise SegDiffError(f"crop {cfg.crop} must be a multiple of {f}")
+        side = round(cfg.val_tile * self.net_cfg.input_scale)
+        if side % f or side < f:
+            raise SegDiffError(f"val_tile {cfg.val_tile} must be a multiple of {f / self.net_cfg.input_scale:g} (the "
+                               f"network's downsampling factor {f} at input scale {self.net_cfg.input_scale}), e.g. "
+                               f"{max(f, int(round(side / f)) * f) / self.net_cfg.input_scale:g}")
+        if cfg.val_steps > self.net_cfg.diffusion_steps:
+            raise SegDiffError(f"val_steps must be at most the model's {self.net_cfg.diffusion_steps} diffusion steps, "
+                               f"got {cfg.val_steps}")
         samples = samples if samples is not None else load_dataset(cfg.data, cfg.format)
         self.train_set, self.val_set = split_samples(samples, cfg.val, cfg.seed)
         # the network works at input_scale: train on resized images; validation goes through the
@@ -129,6 +163,10 @@ class Trainer:
         self.aug = get_augment(cfg.augment)
         torch.manual_seed(cfg.seed)
         self.net = SegDiffNet(self.net_cfg).to(self.device)
+        if cfg.init:
+            from ..models import load_model
+
+            self.net.load_state_dict(load_model(cfg.init).net.state_dict())
         self.ema = copy.deepcopy(self.net).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -170,8 +208,12 @@ class Trainer:
         ck = run_dir / "last.pt"
         if not ck.exists():
             raise SegDiffError(f"no checkpoint {ck} to resume from")
-        st = torch.load(ck, map_location="cpu", weights_only=True)
-        d = dict(st["config"])
+        try:
+            st = torch.load(ck, map_location="cpu", weights_only=True)
+            d = dict(st["config"])
+        except Exception as e:  # truncated, corrupt, or not a checkpoint
+            raise SegDiffError(f"{ck} could not be read as a training checkpoint ({type(e).__name__}); if the run "
+                               f"was killed while writing it, best.pt beside it or a packed copy may still be good") from None
         d.update(overrides)
         d["out"] = str(run_dir)
         tr = cls(TrainConfig.from_dict(d), samples)
@@ -238,6 +280,15 @@ class Trainer:
             rows.append(all_metrics(r.probability, s.mask))
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
+    def score(self, metrics: dict[str, float], loss: float | None) -> float:
+        """What checkpoint selection maximises: the select metric, signed by its direction (validation loss
+        stands in when there is no validation set)."""
+        name = self.cfg.select_metric
+        value = metrics.get(name) if name != "loss" else None
+        if value is None:
+            return -float(loss if loss is not None else math.inf)
+        return METRIC_DIRECTION[name] * float(value)
+
     # ------------------------------------------------------------ loop
     def _log(self, row: dict[str, Any]) -> None:
         path = self.out / "log.csv"
@@ -302,10 +353,11 @@ class Trainer:
                 loss_ema = loss if loss_ema is None else 0.98 * loss_ema + 0.02 * loss
                 row: dict[str, Any] = {"step": self.step, "time": round(time.time() - t0, 2), "loss": loss,
                                        "lr": self.lr_at(self.step - 1)}
-                if self.step % c.val_every == 0 or self.step == c.max_steps:
+                out_of_time = bool(c.max_minutes and (time.time() - t0) / 60 > c.max_minutes)
+                if self.step % c.val_every == 0 or self.step == c.max_steps or out_of_time:
                     metrics = self.validate()
                     row.update({f"val_{k}": v for k, v in metrics.items()})
-                    score = metrics.get(c.select_metric, -loss_ema)
+                    score = self.score(metrics, loss_ema)
                     if score > self.best:
                         self.best = score
                         self.save_checkpoint("best.pt")
@@ -321,7 +373,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_ema:.4f}")
                 if on_step is not None:
                     on_step(self)
-                if c.max_minutes and (time.time() - t0) / 60 > c.max_minutes:
+                if out_of_time:
                     break
         finally:
             self.save_checkpoint()  # also on Ctrl-C / SIGTERM: resume continues from here
