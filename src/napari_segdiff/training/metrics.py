@@ -93,3 +93,75 @@ def all_metrics(prob: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> dic
     pred = prob > threshold
     return {"dice": dice(pred, gt), "iou": iou(pred, gt), "wcov": wcov(pred, gt),
             "boundf": boundary_f(pred, gt), "calibration": calibration_score(prob, gt), "ece": ece(prob, gt)}
+
+
+# ------------------------------------------------------------------ objects (instance labels)
+def _overlaps(gt: np.ndarray, pred: np.ndarray):
+    """Intersections of every (gt id, pred id) pair that overlaps, and each object's area.
+    Returns (g ids, p ids, intersections, gt areas by id, pred areas by id)."""
+    gt = np.asarray(gt).astype(np.int64).ravel()
+    pred = np.asarray(pred).astype(np.int64).ravel()
+    if gt.min(initial=0) < 0 or pred.min(initial=0) < 0:
+        raise ValueError("instance labels must be >= 0 (0 = background)")
+    ga = np.bincount(gt)
+    pa = np.bincount(pred)
+    both = (gt > 0) & (pred > 0)
+    k = int(pred.max(initial=0)) + 1
+    pairs, inter = np.unique(gt[both] * k + pred[both], return_counts=True)
+    return pairs // k, pairs % k, inter.astype(np.float64), ga, pa
+
+
+def _ids(areas: np.ndarray) -> np.ndarray:
+    ids = np.nonzero(areas)[0]
+    return ids[ids > 0]
+
+
+def aji(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Aggregated Jaccard Index (Kumar et al. 2017): each ground-truth object is paired with the predicted
+    object of highest IoU; AJI = sum of their intersections / (sum of their unions + the areas of predicted
+    objects never paired). No object on either side: 1.0."""
+    g, p, inter, ga, pa = _overlaps(gt, pred)
+    gids, pids = _ids(ga), _ids(pa)
+    if len(gids) == 0:
+        return 1.0 if len(pids) == 0 else 0.0
+    union = ga[g] + pa[p] - inter
+    iou_ = inter / union
+    c = u = 0.0
+    used = np.zeros(len(pa), bool)
+    best: dict[int, int] = {}
+    order = np.lexsort((-iou_, g))  # by gt id, then IoU descending: first row per gt id is its best
+    for i in order:
+        if int(g[i]) not in best:
+            best[int(g[i])] = int(i)
+    for gid in gids:
+        i = best.get(int(gid))
+        if i is None:  # no overlap: the whole object counts in the union
+            u += ga[gid]
+            continue
+        c += inter[i]
+        u += union[i]
+        used[p[i]] = True
+    u += pa[pids[~used[pids]]].sum()
+    return float(c / u) if u else 1.0
+
+
+def object_scores(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Objects matched at IoU > 0.5 (a match is then unique): PQ = SQ x DQ (Kirillov et al.), DQ equals the
+    object F1 at IoU 0.5; count error = predicted - true objects. No object on either side: all 1.0."""
+    g, p, inter, ga, pa = _overlaps(gt, pred)
+    n_gt, n_pred = len(_ids(ga)), len(_ids(pa))
+    iou_ = inter / (ga[g] + pa[p] - inter) if len(inter) else inter
+    tp_iou = iou_[iou_ > 0.5]
+    tp = len(tp_iou)
+    fp, fn = n_pred - tp, n_gt - tp
+    if n_gt == 0 and n_pred == 0:
+        dq = sq = 1.0
+    else:
+        dq = tp / (tp + 0.5 * fp + 0.5 * fn)
+        sq = float(tp_iou.mean()) if tp else 0.0
+    return {"pq": dq * sq, "dq": dq, "sq": sq, "f1_50": dq, "count_error": float(n_pred - n_gt),
+            "n_true": float(n_gt), "n_pred": float(n_pred)}
+
+
+def instance_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    return {"aji": aji(gt, pred), **object_scores(gt, pred)}

@@ -1,0 +1,72 @@
+"""Instance labels (int32, 0 = background) from a run's probability map and mask. Pure numpy/scipy/scikit-image.
+
+Three methods, chosen per model (``meta['instances']``) and measured in the model cards:
+
+* ``components``: connected components of the mask, objects smaller than ``min_area`` pixels dropped
+  (buildings: roofs rarely touch at 0.15-0.3 m/px).
+* ``watershed``: a watershed of the distance to the background, seeded at its local maxima at least
+  ``min_distance`` pixels apart (what the widget did before; splits touching nuclei, but also
+  breaks elongated ones).
+* ``hmaxima``: the same watershed seeded at the h-maxima of the (smoothed) distance map, so a seed needs a
+  ridge at least ``h`` pixels high: a waist between two touching nuclei splits them, a bump on one does not.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._errors import SegDiffError
+
+METHODS = ("components", "watershed", "hmaxima")
+MIN_DISTANCE = 5  # watershed: smallest distance (px) between two instance centres
+H_MAXIMA = 1.0  # hmaxima: height (px of distance) a seed must rise above the saddle to its neighbour
+
+
+def _finish(labels: np.ndarray, mask: np.ndarray, components: np.ndarray, min_area: int) -> np.ndarray:
+    from skimage.segmentation import relabel_sequential
+
+    missing = mask & (labels == 0)  # a component without a seed keeps one label of its own
+    if missing.any():
+        labels[missing] = components[missing] + labels.max()
+    if min_area > 1:
+        sizes = np.bincount(labels.ravel())
+        small = sizes < min_area
+        small[0] = False
+        labels[small[labels]] = 0
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def label_instances(mask, probability=None, *, method: str = "components", min_area: float = 0,
+                    min_distance: int = MIN_DISTANCE, h: float = H_MAXIMA) -> np.ndarray:
+    """Instance labels of a binary ``mask`` (``probability`` is accepted for methods that use it; the three
+    here work on the mask). ``min_area`` in pixels: smaller objects are dropped."""
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+
+    if method not in METHODS:
+        raise SegDiffError(f"unknown instance method {method!r}; choose one of {', '.join(METHODS)}")
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise SegDiffError(f"instance labels need a 2-D mask, got shape {mask.shape}")
+    min_area = int(np.ceil(max(0.0, float(min_area))))
+    components = label(mask, connectivity=1).astype(np.int32)
+    if not mask.any():
+        return np.zeros(mask.shape, np.int32)
+    if method == "components":
+        return _finish(components, mask, components, min_area)
+    from skimage.segmentation import watershed
+
+    distance = ndi.distance_transform_edt(mask)
+    markers = np.zeros(mask.shape, np.int32)
+    if method == "watershed":
+        from skimage.feature import peak_local_max
+
+        peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components,
+                               exclude_border=False)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    else:
+        from skimage.morphology import h_maxima
+
+        smooth = ndi.gaussian_filter(distance, 1.0)
+        markers = label(h_maxima(smooth, float(h)) & mask).astype(np.int32)
+    labels = watershed(-distance, markers, mask=mask).astype(np.int32)
+    return _finish(labels, mask, components, min_area)

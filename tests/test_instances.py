@@ -1,0 +1,87 @@
+"""Object metrics (AJI, PQ, F1 at IoU 0.5, count error) against hand-computed cases, and the instance
+split methods on shapes whose answer is known."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_segdiff import SegDiffError
+from napari_segdiff.instances import label_instances
+from napari_segdiff.training.metrics import aji, instance_metrics, object_scores
+
+
+def _box(shape, y0, y1, x0, x1, value=1, out=None):
+    a = np.zeros(shape, np.int32) if out is None else out
+    a[y0:y1, x0:x1] = value
+    return a
+
+
+def test_no_object_on_either_side_is_perfect():
+    z = np.zeros((8, 8), np.int32)
+    m = instance_metrics(z, z)
+    assert m["aji"] == 1.0 and m["pq"] == 1.0 and m["f1_50"] == 1.0 and m["count_error"] == 0.0
+
+
+def test_objects_predicted_where_there_are_none_score_zero():
+    z = np.zeros((8, 8), np.int32)
+    pred = _box((8, 8), 1, 3, 1, 3)
+    m = instance_metrics(z, pred)
+    assert m["aji"] == 0.0 and m["dq"] == 0.0 and m["pq"] == 0.0 and m["count_error"] == 1.0
+    # and every true object missed
+    m = instance_metrics(pred, z)
+    assert m["aji"] == 0.0 and m["dq"] == 0.0 and m["count_error"] == -1.0
+
+
+def test_exact_match_and_relabelled_ids():
+    gt = _box((10, 10), 0, 4, 0, 4, 1)
+    _box((10, 10), 6, 9, 5, 9, 2, out=gt)
+    pred = np.where(gt == 1, 7, np.where(gt == 2, 3, 0))
+    m = instance_metrics(gt, pred)
+    assert m["aji"] == 1.0 and m["pq"] == 1.0 and m["sq"] == 1.0 and m["n_true"] == 2 == m["n_pred"]
+
+
+def test_one_object_split_in_two():
+    gt = _box((4, 10), 1, 3, 0, 10)  # 20 px
+    pred = _box((4, 10), 1, 3, 0, 5, 1)
+    _box((4, 10), 1, 3, 5, 10, 2, out=pred)  # two halves of 10 px: IoU 0.5 each, not > 0.5
+    # AJI: the best half pairs (10 / 20); the other half is an unpaired prediction: 10 / (20 + 10)
+    assert aji(gt, pred) == pytest.approx(10 / 30)
+    s = object_scores(gt, pred)
+    assert s["dq"] == 0.0 and s["pq"] == 0.0 and s["count_error"] == 1.0
+
+
+def test_partial_overlap_by_hand():
+    gt = _box((6, 6), 0, 4, 0, 4)  # 16 px
+    pred = _box((6, 6), 0, 4, 0, 3)  # 12 px inside: IoU 0.75
+    s = object_scores(gt, pred)
+    assert s["sq"] == pytest.approx(0.75) and s["dq"] == 1.0 and s["pq"] == pytest.approx(0.75)
+    assert aji(gt, pred) == pytest.approx(12 / 16)
+    # a second, missed true object: DQ = 1 / (1 + 0.5), AJI adds its area to the union
+    _box((6, 6), 5, 6, 5, 6, 2, out=gt)
+    assert object_scores(gt, pred)["dq"] == pytest.approx(1 / 1.5)
+    assert aji(gt, pred) == pytest.approx(12 / 17)
+
+
+def test_two_touching_discs_split_by_watershed_but_not_by_components():
+    yy, xx = np.mgrid[:40, :60]
+    mask = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 100) | ((yy - 20) ** 2 + (xx - 37) ** 2 <= 100)
+    assert label_instances(mask, method="components").max() == 1
+    for method in ("watershed", "hmaxima"):
+        lab = label_instances(mask, method=method)
+        assert lab.max() == 2, method
+        assert lab.dtype == np.int32 and ((lab > 0) == mask).all()
+
+
+def test_min_area_drops_small_objects_and_relabels():
+    mask = np.zeros((20, 20), bool)
+    mask[1:3, 1:3] = True  # 4 px
+    mask[10:16, 10:16] = True  # 36 px
+    lab = label_instances(mask, method="components", min_area=5)
+    assert lab.max() == 1 and lab[12, 12] == 1 and lab[1, 1] == 0
+
+
+def test_unknown_method_and_bad_shape_refused():
+    with pytest.raises(SegDiffError, match="unknown instance method 'blobs'"):
+        label_instances(np.ones((4, 4), bool), method="blobs")
+    with pytest.raises(SegDiffError, match="2-D mask"):
+        label_instances(np.ones((2, 4, 4), bool))
