@@ -31,14 +31,14 @@ def _model_bytes(mdl) -> tuple[str, bytes]:
 
 
 def _run_batch(key: str, model_data: bytes, sampling, device: str, images: np.ndarray, indices: list[int],
-               seed: int, precision: str = "auto"):
+               seed: int, precision: str = "auto", scale: float | None = None):
     from .diffusion import Diffusion
     from .engine import TileSampler, resolve_device
     from .models import SegDiffModel
     from .network import SegDiffNet
     from .config import NetworkConfig
 
-    key = f"{key}:{device}:{precision}"
+    key = f"{key}:{device}:{precision}:{scale}"
     runner = _WORKER_CACHE.get(key)
     if runner is None:  # once per worker process
         payload = torch.load(io.BytesIO(model_data), map_location="cpu", weights_only=True)
@@ -48,13 +48,13 @@ def _run_batch(key: str, model_data: bytes, sampling, device: str, images: np.nd
         dev = resolve_device(device)
         mdl = SegDiffModel(net.eval().to(dev), Diffusion.from_config(cfg), payload["meta"].get("name", "model"),
                            payload["meta"].get("sha256"))
-        runner = _WORKER_CACHE[key] = TileSampler(mdl, sampling, dev, precision=precision)
+        runner = _WORKER_CACHE[key] = TileSampler(mdl, sampling, dev, precision=precision, scale=scale)
     runner.sampling = sampling
     return runner(images, indices, seed)
 
 
 def distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, seed, device: str = "auto",
-                      max_in_flight: int | None = None, precision: str = "auto"):
+                      max_in_flight: int | None = None, precision: str = "auto", input_scale: float | None = None):
     from .tiling import iter_windows
 
     key, data = _model_bytes(mdl)
@@ -66,7 +66,7 @@ def distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, seed, 
     def submit(batch):
         imgs = np.stack([to_chw(scale.apply(b)) for _, b in batch])
         fut = client.submit(_run_batch, key, model_future, sampling, device, imgs, [w.index for w, _ in batch],
-                            seed, precision, pure=False)
+                            seed, precision, input_scale, pure=False)
         pending.append(([w for w, _ in batch], fut))
 
     batch = []

@@ -17,6 +17,20 @@ def _check(cond: bool, msg: str) -> None:
         raise SegDiffError(msg)
 
 
+def _int_like(v) -> bool:
+    """int or a numpy integer (np.int64(2) is fine), not bool and not a float such as 1.9."""
+    import numbers
+
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _normalise_ints(obj, names: tuple[str, ...]) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if _int_like(v):
+            object.__setattr__(obj, n, int(v))
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """Architecture of a SegDiff network, eps_theta(x_t, I, t) = D(E(F(x_t) + G(I), t), t).
@@ -137,6 +151,9 @@ class SamplingConfig:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
+        _normalise_ints(self, ("samples", "steps", "seed"))
+        _check(self.seed is None or isinstance(self.seed, int),
+               f"seed must be an integer (or None for a random one), got {self.seed!r}")
         _check(isinstance(self.samples, int) and self.samples >= 1,
                f"samples must be an integer >= 1, got {self.samples!r}")
         _check(self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
@@ -156,6 +173,7 @@ class TilingConfig:
     batch_size: int = 2  # tiles per network batch (each carries all its samples)
 
     def __post_init__(self) -> None:
+        _normalise_ints(self, ("tile", "batch_size"))
         _check(isinstance(self.tile, int) and self.tile >= 8, f"tile must be an integer >= 8, got {self.tile!r}")
         _check(0.0 <= self.overlap < 1.0, f"overlap must be in [0, 1), got {self.overlap}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,

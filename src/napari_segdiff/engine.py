@@ -22,6 +22,7 @@ import torch
 from ._errors import SegDiffError
 from .config import PRECISIONS, SamplingConfig, SegmentConfig, TilingConfig
 from .models import SegDiffModel, load_model
+from .pixelsize import model_pixel_size, scale_factor
 from .tiling import StreamingBlender, Window, iter_windows, taper_weights, window_grid
 from .transforms import Intensity, as_hwc, intensity_range, to_chw
 
@@ -48,6 +49,8 @@ class SegmentationResult:
     variance: Any
     mask: Any
     info: dict[str, Any] = field(default_factory=dict)
+    #: instance ids (int32, 0 = background) when ``instances=True`` was asked for, else None
+    labels: Any = None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -120,10 +123,11 @@ def precision_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def estimate_sample_bytes(cfg, tile: int) -> int:
+def estimate_sample_bytes(cfg, tile: int, scale: float | None = None) -> int:
     """Peak inference memory of one sample of one tile: activations (measured on CPU at about 66 bytes
-    per pixel per base channel for the cpu presets) plus the attention matrices of the attention levels."""
-    side = int(round(tile * cfg.input_scale))
+    per pixel per base channel for the cpu presets) plus the attention matrices of the attention levels.
+    ``scale``: what the tile is resized by before the network (default: the model's input_scale)."""
+    side = int(round(tile * (cfg.input_scale if scale is None else scale)))
     conv = 70 * side * side * cfg.base_channels
     levels = set(cfg.attention_levels) | {len(cfg.channel_mult) - 1}  # the bottleneck always attends
     attn = max((cfg.num_heads * ((side // 2**lvl) ** 2) ** 2 * 4 * 2 for lvl in levels), default=0)
@@ -144,9 +148,10 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def fit_batch_size(cfg, tiling: TilingConfig, samples: int, device: torch.device) -> int:
+def fit_batch_size(cfg, tiling: TilingConfig, samples: int, device: torch.device,
+                   scale: float | None = None) -> int:
     """Tiles per batch that fit in 70% of free memory; refuses up front when one tile does not fit."""
-    need = estimate_sample_bytes(cfg, tiling.tile) * samples
+    need = estimate_sample_bytes(cfg, tiling.tile, scale) * samples
     avail = available_memory(device)
     if avail is None:
         return tiling.batch_size
@@ -170,8 +175,11 @@ class TileSampler:
     """Samples batches of tiles with one model: the unit a worker process holds."""
 
     def __init__(self, model: SegDiffModel, sampling: SamplingConfig, device: torch.device,
-                 precision: str = "fp32", channels_last: bool | None = None):
+                 precision: str = "fp32", channels_last: bool | None = None, scale: float | None = None):
         self.model = model
+        # tiles are resized by this factor before the network: the model's input_scale, times the ratio of
+        # the image's pixel size to the model's native one when the caller gave a pixel size
+        self.scale = model.config.input_scale if scale is None else float(scale)
         self.sampling = sampling
         self.device = device
         self.precision = resolve_precision(precision, device)
@@ -190,7 +198,7 @@ class TileSampler:
         s = self.sampling
         net, diff = self.model.net, self.model.diffusion
         B, _, h0, w0 = images.shape
-        scale = self.model.config.input_scale
+        scale = self.scale
         h, w = (h0, w0) if scale == 1.0 else (int(round(h0 * scale)), int(round(w0 * scale)))
         N = s.samples
         gens = [torch.Generator().manual_seed(tile_seed(seed, i)) for i in indices]
@@ -291,12 +299,21 @@ def iter_segment(
     client=None,
     precision: str | None = None,
     channels_last: bool | None = None,
+    pixel_size: float | None = None,
+    pixel_unit: str | None = None,
+    instances: bool = False,
 ) -> Iterator[Progress | SegmentationResult]:
     """Segment a 2-D grey or RGB(A) image (numpy, dask or zarr), yielding :class:`Progress` per tile
     and finally a :class:`SegmentationResult`. Keyword arguments override ``config``; a model's own
     recommended sampling settings (``meta['sampling']``) are the defaults for a shipped model.
     ``precision`` is ``auto`` (bfloat16 autocast on a CPU with native bf16, else float32), ``fp32`` or
-    ``bf16``; ``channels_last`` (default: on for the CPU) runs the convolutions in NHWC layout."""
+    ``bf16``; ``channels_last`` (default: on for the CPU) runs the convolutions in NHWC layout.
+
+    ``pixel_size`` (with ``pixel_unit``, default the model's unit) is the image's pixel size: each tile is
+    resized to the model's native pixel size (``model.meta['pixel_size']``) and the outputs back, so they
+    stay on the image's grid; the default tile is then the model's tile in its own pixels. ``instances``
+    adds ``result.labels`` (int32 ids, 0 = background) by the model's instance method
+    (``meta['instances']``; connected components by default)."""
     t_start = time.perf_counter()
     dev = resolve_device(device or (config.device if config else "auto"))
     mdl = load_model(model, device=dev)
@@ -315,11 +332,17 @@ def iter_segment(
     t_over = {k: v for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size).items() if v is not None}
     tiling = dataclasses.replace(cfg.tiling, **t_over)
     f = mdl.config.downsample_factor
-    in_scale = mdl.config.input_scale
+    factor = scale_factor(pixel_size, pixel_unit, mdl.meta, mdl.name)
+    in_scale = mdl.config.input_scale * factor
 
-    def _fits(t: int) -> bool:  # the network sees round(t * input_scale) pixels (TileSampler resizes)
+    def _fits(t: int) -> bool:  # the network sees round(t * in_scale) pixels (TileSampler resizes)
         return int(round(t * in_scale)) % f == 0 and int(round(t * in_scale)) >= f
 
+    if factor != 1.0 and tile is None:  # the model's tile, measured in its own pixels, on this image's grid
+        side = int(round(tiling.tile * mdl.config.input_scale))
+        guess = max(8, int(round(side / in_scale)))
+        tiling = dataclasses.replace(tiling, tile=next(
+            (t for d in range(0, 64) for t in (guess + d, guess - d) if t >= 8 and _fits(t)), guess))
     if not _fits(tiling.tile):
         good = next((t for t in range(tiling.tile, 7, -1) if _fits(t)), None) or \
             next(t for t in range(tiling.tile, 1 << 20) if _fits(t))
@@ -327,13 +350,19 @@ def iter_segment(
             f"tile {tiling.tile} (resized to {int(round(tiling.tile * in_scale))} px at input scale {in_scale})"
         raise SegDiffError(f"{what} must be a multiple of {f} (the downsampling factor of model {mdl.name!r}); "
                            f"e.g. tile={good}")
-    tiling = dataclasses.replace(tiling, batch_size=fit_batch_size(mdl.config, tiling, sampling.samples, dev))
+    tiling = dataclasses.replace(tiling, batch_size=fit_batch_size(mdl.config, tiling, sampling.samples, dev,
+                                                                    scale=in_scale))
     run_seed = secrets.randbits(31) if sampling.seed is None else int(sampling.seed)
 
     arr = as_hwc(image, mdl.config.in_channels)
     H, W = int(arr.shape[0]), int(arr.shape[1])
     scale = intensity_range(arr)
     windows = window_grid((H, W), tiling.tile, tiling.stride)
+    plain = -(-H // tiling.tile) * -(-W // tiling.tile)
+    if len(windows) > 64 and len(windows) > 8 * plain:
+        warnings.warn(f"overlap {tiling.overlap} makes {len(windows)} tiles for this {H}x{W} image, {len(windows) / plain:.0f} "
+                      f"times the {plain} without overlap (and as many times the work); 0.25 blends seams well",
+                      stacklevel=2)
     weights = taper_weights(tiling.tile, tiling.tile - tiling.stride)
     prob, var, mask = _make_outputs((H, W), out, tiling.tile)
     thr = sampling.threshold
@@ -351,15 +380,19 @@ def iter_segment(
         "overlap": tiling.overlap, "batch_size": tiling.batch_size, "device": str(dev), "precision": prec,
         "tiles": len(windows),
     }
+    if pixel_size is not None:
+        native = model_pixel_size(mdl.meta)
+        info.update(pixel_size=float(pixel_size), pixel_unit=pixel_unit or native[1], model_pixel_size=native[0],
+                    model_pixel_unit=native[1], scale_factor=round(factor, 6))
     if client is not None:
         from ._distributed import distributed_tiles
 
         # workers resolve device and precision themselves: theirs may differ from this process's
         results = distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, run_seed,
                                     device=device or (config.device if config else "auto"),
-                                    precision=precision or cfg.precision)
+                                    precision=precision or cfg.precision, input_scale=in_scale)
     else:
-        runner = TileSampler(mdl, sampling, dev, precision=prec, channels_last=channels_last)
+        runner = TileSampler(mdl, sampling, dev, precision=prec, channels_last=channels_last, scale=in_scale)
         results = _local_tiles(runner, arr, scale, windows, tiling, run_seed)
     done = 0
     for win, m, s2 in results:
@@ -370,8 +403,48 @@ def iter_segment(
     if client is None:
         info["network_evaluations"] = runner.network_evaluations
         info["encoder_evaluations"] = runner.encoder_evaluations
+    labels = None
+    if instances:
+        labels, info["instances"] = _instances(mdl, np.asarray(mask[:]), factor)
+        info["objects"] = int(labels.max())
+        if out is not None:
+            labels = _write_labels(prob, labels, tiling.tile)
     info["seconds"] = round(time.perf_counter() - t_start, 3)
-    yield SegmentationResult(prob, var, mask, info)
+    yield SegmentationResult(prob, var, mask, info, labels)
+
+
+def instance_settings(mdl: SegDiffModel) -> dict[str, Any]:
+    """The model's instance method and parameters (``meta['instances']``), in its native pixels."""
+    d = {"method": "components", "min_area": 0.0}
+    d.update(mdl.meta.get("instances") or {})
+    return d
+
+
+def _instances(mdl: SegDiffModel, mask: np.ndarray, factor: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """Labels by the model's method; lengths in its native pixels are converted to this image's."""
+    from .instances import label_instances
+
+    st = instance_settings(mdl)
+    kw: dict[str, Any] = {"method": st["method"], "min_area": float(st.get("min_area", 0)) / factor**2}
+    if "min_distance" in st:
+        kw["min_distance"] = max(1, int(round(float(st["min_distance"]) / factor)))
+    if "h" in st:
+        kw["h"] = float(st["h"]) / factor
+    return label_instances(mask, method=kw.pop("method"), **kw), {"method": st["method"], **kw}
+
+
+def _write_labels(prob_array, labels: np.ndarray, tile: int):
+    """Beside the zarr outputs: a ``labels`` array in the same group."""
+    import zarr
+
+    group = zarr.open_group(store=prob_array.store, path=prob_array.path.rsplit("/", 1)[0]
+                            if "/" in prob_array.path else "", mode="a")
+    chunks = (min(tile, labels.shape[0]), min(tile * 4, labels.shape[1]))
+    arr = (group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="i4", overwrite=True)
+           if hasattr(group, "create_array") else
+           group.create_dataset("labels", shape=labels.shape, chunks=chunks, dtype="i4", overwrite=True))
+    arr[:] = labels
+    return arr
 
 
 def _local_tiles(runner: TileSampler, arr, scale: Intensity, windows: list[Window], tiling: TilingConfig, seed: int):

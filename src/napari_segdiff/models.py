@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from ._errors import ModelFileError, SegDiffError
 from .config import PRESETS, NetworkConfig, get_preset
 from .diffusion import Diffusion
+from .io import atomic_write_bytes  # noqa: F401 (re-exported: older imports name it here)
 from .network import SegDiffNet
 
 FORMAT = "napari-segdiff-model"
@@ -74,9 +74,64 @@ def _registry() -> dict[str, dict[str, Any]]:
     return json.loads(REGISTRY_FILE.read_text())
 
 
-def list_models() -> dict[str, str]:
-    """Shipped models by name, with a one-line description."""
-    return {name: entry.get("description", "") for name, entry in _registry().items()}
+#: environment variable that overrides where user models (``napari-segdiff-train finetune --name``) live
+USER_MODELS_ENV = "NAPARI_SEGDIFF_MODELS"
+
+
+def user_models_dir() -> Path:
+    """The per-user model directory: ``$NAPARI_SEGDIFF_MODELS``, else platformdirs' user data dir."""
+    env = os.environ.get(USER_MODELS_ENV)
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("napari-segdiff")) / "models"
+
+
+def _user_registry() -> dict[str, dict[str, Any]]:
+    path = user_models_dir() / "models.json"
+    if not path.exists():
+        return {}
+    try:
+        reg = json.loads(path.read_text())
+        if not isinstance(reg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as e:
+        raise SegDiffError(f"the user model list {path} is unreadable ({e}); fix or delete it "
+                           f"(the model files beside it are kept)") from None
+    return reg
+
+
+def list_models(user: bool = True) -> dict[str, str]:
+    """Models by name, with a one-line description: the shipped ones, then the user's own (``finetune --name``)."""
+    out = {name: entry.get("description", "") for name, entry in _registry().items()}
+    if user:
+        for name, entry in _user_registry().items():
+            out.setdefault(name, f"{entry.get('description', '')} (user model)".strip())
+    return out
+
+
+def register_user_model(name: str, path: str | os.PathLike, sha256: str, description: str = "",
+                        overwrite: bool = False) -> Path:
+    """Copy a model file into the user model directory under ``name``; it then works by name everywhere."""
+    import shutil
+
+    if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
+        raise SegDiffError(f"model name {name!r} must be a plain name (letters, digits, - and _)")
+    if name in _registry():
+        raise SegDiffError(f"{name!r} is a shipped model's name; choose another name")
+    reg = _user_registry()
+    if name in reg and not overwrite:
+        raise SegDiffError(f"a user model named {name!r} exists already ({user_models_dir() / reg[name]['file']}); "
+                           "choose another name or pass --overwrite")
+    folder = user_models_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / f"{name}.pt"
+    if Path(path).resolve() != dst.resolve():
+        atomic_write_bytes(dst, lambda f: shutil.copyfileobj(open(path, "rb"), f))
+    reg[name] = {"file": dst.name, "sha256": sha256, "description": description}
+    atomic_write_bytes(folder / "models.json", lambda f: f.write((json.dumps(reg, indent=2) + "\n").encode()))
+    return dst
 
 
 def register_model(name: str, path: str | os.PathLike, sha256: str, description: str = "") -> None:
@@ -87,28 +142,6 @@ def register_model(name: str, path: str | os.PathLike, sha256: str, description:
     reg = _registry()
     reg[name] = {"file": path.name, "sha256": sha256, "description": description}
     atomic_write_bytes(REGISTRY_FILE, lambda f: f.write((json.dumps(reg, indent=2) + "\n").encode()))
-
-
-def atomic_write_bytes(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over ``path``.
-    A failure (disk full, Ctrl-C) leaves any previous file untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain open() would
-    try:
-        with open(tmp, "wb") as f:  # opened by name: writers such as tifffile need ``f.name`` to be a path
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(model: SegDiffModel | SegDiffNet, path: str | os.PathLike, *, half: bool = True,
@@ -199,9 +232,17 @@ def load_model(model: str | os.PathLike | SegDiffModel | None = None, device: st
     key = str(model)
     if key in reg:
         entry = reg[key]
-        return load_model_file(WEIGHTS_DIR / entry["file"], expected_sha256=entry.get("sha256"), name=key,
-                               device=device)
+        mdl = load_model_file(WEIGHTS_DIR / entry["file"], expected_sha256=entry.get("sha256"), name=key,
+                              device=device)
+        # facts measured after a file was made (native pixel size, instance method) live in the registry,
+        # so the checksummed weights file stays as it was shipped
+        mdl.meta.update(entry.get("meta", {}))
+        return mdl
+    user = _user_registry()
+    if key in user:
+        return load_model_file(user_models_dir() / user[key]["file"], expected_sha256=user[key].get("sha256"),
+                               name=key, device=device)
     if Path(key).suffix or os.sep in key or Path(key).exists():
         return load_model_file(key, device=device)
-    raise ModelFileError(f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}, "
-                         "or give the path of a model file")
+    raise ModelFileError(f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}"
+                         + (f", user models: {sorted(user)}" if user else "") + ", or give the path of a model file")

@@ -40,7 +40,8 @@ class StackResult:
 
     probability: np.ndarray
     variance: np.ndarray
-    labels: np.ndarray
+    mask: np.ndarray  # uint8 0/1
+    labels: np.ndarray | None  # int32 instance ids when instances were asked for
     info: dict[str, Any]
     model: SegDiffModel
 
@@ -64,32 +65,14 @@ def _lazy(data):
 
 
 def split_instances(mask, min_distance: int = MIN_DISTANCE) -> np.ndarray:
-    """Split a binary mask into instance labels by a distance-transform watershed (int32, 0 = background).
+    """Split a binary mask into instance labels by a distance-transform watershed (int32, 0 = background);
+    see :mod:`napari_segdiff.instances` for the methods the models use."""
+    from .instances import label_instances
 
-    Markers are the maxima of the distance to the background at least ``min_distance`` pixels apart;
-    a connected component that gets no marker keeps one label of its own.
-    """
-    from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-    from skimage.measure import label
-    from skimage.segmentation import relabel_sequential, watershed
-
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return np.zeros(mask.shape, np.int32)
-    distance = ndi.distance_transform_edt(mask)
-    components = label(mask)
-    peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components,
-                           exclude_border=False)
-    markers = np.zeros(mask.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = watershed(-distance, markers, mask=mask).astype(np.int32)
-    missing = mask & (labels == 0)
-    labels[missing] = components[missing] + labels.max()
-    return relabel_sequential(labels)[0].astype(np.int32)
+    return label_instances(mask, method="watershed", min_distance=min_distance)
 
 
-def segment_stack(data, rgb: bool, model, *, instances: bool = False, min_distance: int = MIN_DISTANCE,
+def segment_stack(data, rgb: bool, model, *, instances: bool = False,
                   **engine_kwargs) -> Iterator[SliceProgress]:
     """Segment every 2-D (grey or RGB) plane of ``data`` with :func:`iter_segment`, yielding a
     :class:`SliceProgress` per tile; the generator *returns* a :class:`StackResult`.
@@ -106,7 +89,7 @@ def segment_stack(data, rgb: bool, model, *, instances: bool = False, min_distan
     infos: list[dict[str, Any]] = []
     for k, idx in enumerate(np.ndindex(*lead)):
         result = None
-        for item in iter_segment(data[idx] if idx else data, mdl, **engine_kwargs):
+        for item in iter_segment(data[idx] if idx else data, mdl, instances=instances, **engine_kwargs):
             if isinstance(item, SegmentationResult):
                 result = item
             else:
@@ -115,11 +98,17 @@ def segment_stack(data, rgb: bool, model, *, instances: bool = False, min_distan
             plane = tuple(result.probability.shape)
             prob = np.zeros(lead + plane, np.float32)
             var = np.zeros(lead + plane, np.float32)
-            labels = np.zeros(lead + plane, np.int32 if instances else np.uint8)
+            mask = np.zeros(lead + plane, np.uint8)
+            labels = np.zeros(lead + plane, np.int32) if instances else None
         prob[idx] = result.probability
         var[idx] = result.variance
-        labels[idx] = split_instances(result.mask, min_distance) if instances else result.mask
+        mask[idx] = result.mask
+        if instances:  # ids stay unique across the stack
+            lab = np.asarray(result.labels)
+            labels[idx] = np.where(lab > 0, lab + (labels.max() if labels.size else 0), 0)
         infos.append(result.info)
     info = dict(infos[0])
     info.update(seconds=round(sum(i["seconds"] for i in infos), 3), slices=n, instances=bool(instances))
-    return StackResult(prob, var, labels, info, mdl)
+    if instances:
+        info["objects"] = int(labels.max())
+    return StackResult(prob, var, mask, labels, info, mdl)

@@ -66,8 +66,12 @@ class Intensity:
     hi: float
 
     def apply(self, block: np.ndarray) -> np.ndarray:
-        x = (block.astype(np.float32) - np.float32(self.lo)) / np.float32(max(self.hi - self.lo, 1e-12))
-        return np.clip(x, 0.0, 1.0) * 2.0 - 1.0
+        # in float64 with lo and hi scaled first: values up to the float64 limit (and a range hi - lo that
+        # overflows) map into [0, 1] without inf or NaN; float32 only for the result
+        scale = max(abs(self.lo), abs(self.hi), 1e-300)
+        lo, hi = self.lo / scale, self.hi / scale
+        x = (block.astype(np.float64) / scale - lo) / max(hi - lo, 1e-12)
+        return (np.clip(x, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
 
 
 def intensity_range(arr: da.Array) -> Intensity:
