@@ -8,6 +8,7 @@ import zarr
 
 from napari_segdiff import segment
 from napari_segdiff.cli import main
+from napari_segdiff.io import read_result
 from napari_segdiff.models import save_model
 
 try:
@@ -32,6 +33,12 @@ def files(tmp_path_factory):
     return d, model_path, tif, img
 
 
+def _stack(path):
+    """probability, variance and mask of a written result as one float32 (3, ...) array."""
+    r = read_result(path)
+    return np.stack([r["probability"], r["variance"], r["mask"].astype(np.float32)])
+
+
 def _run(*args) -> int:
     return main([str(a) for a in args])
 
@@ -41,7 +48,7 @@ def test_segment_to_tif(files, tmp_path, capsys):
     out = tmp_path / "out.tif"
     assert _run("segment", tif, "-o", out, "--model", model_path, *FAST) == 0
     assert "wrote" in capsys.readouterr().out
-    stack = tifffile.imread(out)
+    stack = _stack(out)
     assert stack.shape == (3, 45, 70) and stack.dtype == np.float32
     prob, var, mask = stack
     assert 0 <= prob.min() and prob.max() <= 1 and 0 <= var.min() and var.max() <= 0.25
@@ -58,7 +65,7 @@ def test_segment_precision_flag(files, tmp_path):
     out = tmp_path / "out32.tif"
     assert _run("segment", tif, "-o", out, "--model", model_path, "--precision", "fp32", *FAST) == 0
     ref = segment(img, str(model_path), samples=2, steps=2, tile=32, device="cpu", precision="fp32")
-    np.testing.assert_array_equal(tifffile.imread(out)[0], ref.probability)
+    np.testing.assert_array_equal(read_result(out)["probability"], ref.probability)
     with pytest.raises(SystemExit):  # argparse refuses an unknown precision, naming the choices
         _run("segment", tif, "-o", tmp_path / "x.tif", "--model", model_path, "--precision", "fp16", *FAST)
 
@@ -87,7 +94,7 @@ def test_zarr_input(files, tmp_path):
     out = tmp_path / "o.tif"
     assert _run("segment", src, "-o", out, "--model", model_path, *FAST) == 0
     ref = segment(img, str(model_path), samples=2, steps=2, tile=32, device="cpu")
-    np.testing.assert_array_equal(tifffile.imread(out)[0], ref.probability)
+    np.testing.assert_array_equal(read_result(out)["probability"], ref.probability)
 
 
 def test_refuses_to_write_over_its_input(files, tmp_path, capsys):
@@ -115,7 +122,7 @@ def test_refuses_an_existing_output_without_overwrite(files, tmp_path, capsys):
         assert (out.read_bytes() if out.is_file() else (out / "marker").read_text().encode()) == b"keep me"
         assert _run("segment", tif, "-o", out, "--model", model_path, "--overwrite", *FAST) == 0
         if name.endswith(".tif"):
-            assert tifffile.imread(out).shape == (3, 45, 70)
+            assert _stack(out).shape == (3, 45, 70)
         else:
             assert zarr.open_group(str(out), mode="r")["probability"].shape == (45, 70)
             assert not (out / "marker").exists()
@@ -150,7 +157,7 @@ def test_write_result_formats_and_refusals(tmp_path):
     np.testing.assert_array_equal(g["mask"][:], prob > 0.5)
     assert g.attrs["seed"] == 1 and g.attrs["tile"] == "(1, 2)"
     t = write_result(res, tmp_path / "r.tiff")
-    np.testing.assert_array_equal(tifffile.imread(t)[1], prob * (1 - prob))
+    np.testing.assert_array_equal(read_result(t)["variance"], prob * (1 - prob))
     with pytest.raises(SegDiffError, match="already exists"):
         write_result(res, tmp_path / "r.tiff")
     with pytest.raises(SegDiffError, match="input"):

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from ._errors import SegDiffError
 from .config import PRECISIONS
@@ -23,18 +26,33 @@ def cmd_segment(args) -> int:
     from .engine import Progress, iter_segment
     from .io import atomic_replace_dir, check_output, read_image, write_result
 
+    from .io import read_image_meta
+
     inp = Path(args.input)
     out = check_output(args.output, [inp], args.overwrite)
-    image = read_image(inp, lazy=True)
+    image = read_image(inp, lazy=True, series=args.series)
+    check_channels(image.shape, inp)
+    meta = read_image_meta(inp)
+    geojson = out.suffix.lower() == ".geojson"
+    if geojson:
+        from .io import labels_to_geojson
+
+        labels_to_geojson(np.zeros((1, 1), np.int32), meta)  # refuses a non-georeferenced input now, not after
+        args.instances = True
     client = None
     if args.scheduler:
         from distributed import Client
 
         client = Client(args.scheduler)
     kw = {k: getattr(args, k) for k in ("samples", "steps", "seed", "tile", "overlap", "batch_size", "threshold",
-                                         "sampler") if getattr(args, k) is not None}
+                                         "sampler", "eta") if getattr(args, k) is not None}
+    kw.update(_pixel_size_args(args, meta, inp))
+    if args.instances:
+        kw["instances"] = True
     if is_stack(image.shape):
         return _segment_stack_cli(args, image, inp, out, client, kw)
+    if geojson and is_stack(image.shape):
+        raise SegDiffError("GeoJSON output works on 2-D images; write a stack to .tif or .zarr")
     stream = out.suffix.lower() == ".zarr"
     tmp = None
     if stream:  # big images: stream straight into a temp zarr store, renamed when complete
@@ -62,17 +80,54 @@ def cmd_segment(args) -> int:
             atomic_replace_dir(tmp, out)
             tmp = None
         else:
-            write_result(result, out, overwrite=args.overwrite, inputs=(inp,))
+            write_result(result, out, overwrite=args.overwrite, inputs=(inp,), meta=meta)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if client is not None:
             client.close()
     info = result.info
+    extra = f", {info['objects']} objects" if "objects" in info else ""
+    if "pixel_size" in info:
+        extra += f", pixel size {info['pixel_size']:g} {info['pixel_unit']} (model {info['model_pixel_size']:g} " \
+                 f"{info['model_pixel_unit']})"
     print(f"wrote {out}: {info['tiles']} tiles, {info['samples']} samples x {info['steps']} steps, "
-          f"model {info['model']}, {info['seconds']:.1f} s, foreground {float(result.mask[:].mean()):.3f}"
-          if not stream else f"wrote {out}: {info['tiles']} tiles, model {info['model']}, {info['seconds']:.1f} s")
+          f"model {info['model']}, {info['seconds']:.1f} s, foreground {float(np.asarray(result.mask[:]).mean()):.3f}"
+          f"{extra}")
     return 0
+
+
+def check_channels(shape: tuple[int, ...], inp: Path) -> None:
+    """A 2-D file must be grey (H, W), or colour (H, W, 1|3|4) / (1|3|4, H, W); (H, W, 2) and (H, W, 5+)
+    are refused as segment() refuses them (a stack of H slices of W x 2 pixels is never what was meant)."""
+    if len(shape) == 3 and (shape[-1] == 2 or (5 <= shape[-1] <= 16 and shape[0] > 16)):
+        raise SegDiffError(f"{inp.name} has {shape[-1]} channels (shape {tuple(shape)}); napari-segdiff reads grey, "
+                           "grey+alpha, RGB or RGBA images: save it as one of those")
+
+
+def _pixel_size_args(args, meta, inp: Path) -> dict:
+    """--pixel-size, else what the file records (OME, ImageJ, GeoTIFF or resolution tags); the file's value is
+    used only when the model records its own pixel size and the two are within the accepted range."""
+    if args.pixel_size is not None:
+        return {"pixel_size": args.pixel_size, "pixel_unit": args.pixel_unit}
+    if args.pixel_unit is not None:
+        raise SegDiffError("--pixel-unit needs --pixel-size")
+    if meta.pixel_size is None or args.ignore_pixel_size:
+        return {}
+    from .models import load_model
+    from .pixelsize import scale_factor
+
+    mdl = load_model(args.model)
+    try:
+        scale_factor(meta.pixel_size, meta.pixel_unit, mdl.meta, mdl.name)
+    except SegDiffError as e:
+        print(f"note: {inp.name} records a pixel size of {meta.pixel_size:g} {meta.pixel_unit} ({meta.source}), "
+              f"not used: {e}", file=sys.stderr)
+        return {}
+    if not args.quiet:
+        print(f"pixel size {meta.pixel_size:g} {meta.pixel_unit} (from the file's {meta.source} metadata; "
+              f"--pixel-size overrides, --ignore-pixel-size turns it off)", file=sys.stderr)
+    return {"pixel_size": meta.pixel_size, "pixel_unit": meta.pixel_unit}
 
 
 def is_stack(shape: tuple[int, ...]) -> bool:
@@ -92,7 +147,8 @@ def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
     if client is not None:
         raise SegDiffError("--scheduler works on 2-D images; run stacks without it (slices go one by one)")
     rgb = image.shape[-1] in (3, 4)
-    gen = segment_stack(image, rgb, args.model, device=args.device, precision=args.precision, **kw)
+    gen = segment_stack(image, rgb, args.model, device=args.device, precision=args.precision,
+                        **{k: v for k, v in kw.items() if k != "instances"}, instances=bool(kw.get("instances")))
     bar = None
     try:
         while True:
@@ -105,7 +161,7 @@ def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
     finally:
         if bar is not None:
             bar.close()
-    result = SegmentationResult(res.probability, res.variance, res.labels > 0, res.info)
+    result = SegmentationResult(res.probability, res.variance, res.mask, res.info, res.labels)
     write_result(result, out, overwrite=args.overwrite, inputs=(inp,))
     print(f"wrote {out}: {res.info['slices']} slices, model {res.info['model']}, {res.info['seconds']:.1f} s")
     return 0
@@ -128,12 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("segment", help="segment an image (tif/png/jpg/zarr) into a .tif or .zarr result")
     s.add_argument("input")
-    s.add_argument("-o", "--output", required=True, help="result path: .tif (3 pages: probability, variance, "
-                   "mask) or .zarr (group of three arrays, streamed: for images larger than memory)")
+    s.add_argument("-o", "--output", required=True, help="result path: .tif (pages: probability, variance, "
+                   "mask, and labels with --instances; a GeoTIFF input's georeferencing is kept), .zarr (a group of "
+                   "those arrays, streamed: for images larger than memory) or .geojson (one polygon per object, "
+                   "in a GeoTIFF input's map coordinates)")
     s.add_argument("--model", default=None, help="shipped model name or model file (default: nuclei-he)")
     s.add_argument("--samples", type=int)
     s.add_argument("--steps", type=int)
     s.add_argument("--sampler", choices=["ddpm", "ddim"])
+    s.add_argument("--eta", type=float, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
+    s.add_argument("--pixel-size", dest="pixel_size", type=float,
+                   help="the image's pixel size (default: what the file records, else the model's own)")
+    s.add_argument("--pixel-unit", dest="pixel_unit", help="unit of --pixel-size (default: the model's: um or m)")
+    s.add_argument("--ignore-pixel-size", dest="ignore_pixel_size", action="store_true",
+                   help="do not use the pixel size the file records")
+    s.add_argument("--instances", action="store_true", help="also write instance labels (one id per object)")
+    s.add_argument("--series", type=int, default=None, help="which image series of a multi-series TIFF (default 0)")
     s.add_argument("--seed", type=int)
     s.add_argument("--threshold", type=float)
     s.add_argument("--tile", type=int)
@@ -145,10 +211,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", help="dask.distributed scheduler address: spread tiles over its workers")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     s.set_defaults(func=cmd_segment)
-    m = sub.add_parser("models", help="list shipped models")
+    sub.add_parser("eval", help="score a model on a folder of images and masks (napari-segdiff-train eval; "
+                               "see `napari-segdiff eval --help`)", add_help=False)
+    m = sub.add_parser("models", help="list shipped and user models")
     m.set_defaults(func=cmd_models)
     return p
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that temp outputs are removed on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_command(func, args, debug: bool = False) -> int:
+    """Every CLI command's error handling: one ``error:`` line (exit 2 for bad input or usage, 1 for a run that
+    failed unexpectedly; the traceback only with --debug), 130 on Ctrl-C and 143 on SIGTERM, temp files gone."""
+    old = None
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        return func(args)
+    except SegDiffError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated: no output was written", file=sys.stderr)
+        return 143
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,14 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except SegDiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, debug=getattr(args, "debug", False))
 
 
 if __name__ == "__main__":
