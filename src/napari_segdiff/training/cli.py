@@ -85,7 +85,12 @@ def cmd_resume(args) -> int:
 def cmd_pack(args) -> int:
     from .trainer import pack_checkpoint
 
+    from ..io import check_file_output
+
     src = Path(args.run) / "last.pt" if Path(args.run).is_dir() else Path(args.run)
+    if not src.exists():
+        raise SegDiffError(f"no checkpoint {str(src)!r}: give a run folder (with last.pt) or a checkpoint file")
+    check_file_output(args.output, [src], args.overwrite, (".pt",))
     a, b = pack_checkpoint(src, args.output)
     print(f"wrote {args.output}: {b / 2**20:.1f} MiB (from {a / 2**20:.1f} MiB); resume it by copying it to "
           f"RUN/last.pt beside RUN/config.json")
@@ -99,8 +104,23 @@ def cmd_export(args) -> int:
 
     sampling = {"samples": args.samples, "steps": args.steps}
     tiling = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
+    from ..io import check_file_output
+
+    if not Path(args.run).is_dir() or not (Path(args.run) / "config.json").exists():
+        raise SegDiffError(f"{args.run!r} is not a training run folder (no config.json in it)")
+    if args.samples < 1 or args.steps < 1:
+        raise SegDiffError(f"--samples and --steps must be >= 1, got {args.samples} and {args.steps}")
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise SegDiffError(f"--overlap must be in [0, 1), got {args.overlap}")
     out = args.output or (WEIGHTS_DIR / f"{args.name}.pt" if args.install else f"{args.name}.pt")
+    check_file_output(out, [Path(args.run) / "last.pt", Path(args.run) / "best.pt"], args.overwrite, (".pt",))
     meta = {"tiling": tiling}
+    if args.pixel_size is not None:
+        from ..pixelsize import check_pixel_size, unit_metres
+
+        meta["pixel_size"] = check_pixel_size(args.pixel_size)
+        unit_metres(args.pixel_unit)
+        meta["pixel_unit"] = args.pixel_unit
     if args.description:
         meta["description"] = args.description
     path, sha, half = export(args.run, out, args.name, checkpoint=args.checkpoint, sampling=sampling,
@@ -111,6 +131,20 @@ def cmd_export(args) -> int:
 
         register_model(args.name, path, sha, args.description or "")
         print(f"registered {args.name!r} as a shipped model")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    res = finetune(args.model, args.data, args.output, minutes=args.minutes, steps=args.steps, names=args.names,
+                   name=args.name, overwrite=args.overwrite, seed=args.seed, threads=args.threads,
+                   progress=not args.quiet)
+    score = "" if res.base_score is None else \
+        f"; validation {res.best_score:.4f} (base model {res.base_score:.4f}) on {len(res.val_images)} images"
+    print(f"wrote {res.path} ({res.steps} steps, {res.minutes:.1f} min, kept the {res.kept} state{score})")
+    if res.name:
+        print(f"registered user model {res.name!r}: use it by name in segment(), the CLI and the napari widget")
     return 0
 
 
@@ -126,6 +160,7 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-segdiff-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="start a training run")
     t.add_argument("--config", help="a JSON recipe (e.g. training/nuclei-he/recipe.json); flags override it")
@@ -134,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("resume", help="continue a run exactly where its last checkpoint left it")
     r.add_argument("run")
-    for k in ("max_steps", "max_minutes", "val_every", "ckpt_every", "device", "threads", "data", "amp",
-              "lr", "lr_decay_start", "lr_min"):
+    for k in ("max_steps", "max_minutes", "val_every", "val_samples", "val_steps", "val_tile", "ckpt_every",
+              "device", "threads", "data", "amp", "lr", "lr_decay_start", "lr_min"):
         f = {f.name: f for f in dataclasses.fields(TrainConfig)}[k]
         r.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
                        type=type(f.default) if not isinstance(f.default, str) else str)
@@ -144,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "moments) to keep between sessions")
     k.add_argument("run", help="a run folder (its last.pt) or a checkpoint file")
     k.add_argument("-o", "--output", required=True)
+    k.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     k.set_defaults(func=cmd_pack)
     e = sub.add_parser("export", help="turn a run's best EMA checkpoint into an inference model file")
     e.add_argument("run")
@@ -155,9 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--description")
     e.add_argument("--tile", type=int, default=None, help="recommended tile stored in the file")
     e.add_argument("--overlap", type=float, default=None, help="recommended overlap stored in the file")
+    e.add_argument("--pixel-size", dest="pixel_size", type=float, default=None,
+                   help="the pixel size the model was trained at (recorded in the file; segment() resamples to it)")
+    e.add_argument("--pixel-unit", dest="pixel_unit", default="um", help="unit of --pixel-size: um or m (default um)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.add_argument("--install", action="store_true",
                    help="developers: write into the package's weights/ folder and register it by name")
     e.set_defaults(func=cmd_export)
+    f = sub.add_parser("finetune", help="adapt a trained model to your own images in minutes",
+                       description="napari-segdiff-train finetune --model NAME|FILE --data DIR [--names FILE] "
+                                   "(--minutes M | --steps S) -o OUT.pt [--name NAME]")
+    f.add_argument("--model", required=True, help="the model to start from: a shipped or user model name, or a file")
+    f.add_argument("--data", required=True, help="a folder with images/ and masks/ (same file names; a mask may be "
+                                                 "0/255, 0/1 or instance labels)")
+    f.add_argument("--names", default=None, help="a file listing the image names to use (or comma-separated names)")
+    budget = f.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--minutes", type=float, help="wall-clock budget")
+    budget.add_argument("--steps", type=int, help="training steps")
+    f.add_argument("-o", "--output", required=True, help="the new model file (.pt)")
+    f.add_argument("--name", default=None, help="also register it as a user model under this name")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output file or user model")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    f.add_argument("-q", "--quiet", action="store_true")
+    f.set_defaults(func=cmd_finetune)
     v = sub.add_parser("eval", help="evaluate a model on a folder (Dice, IoU, WCov, BoundF, calibration)")
     v.add_argument("--model", default=None, help="shipped model name or model file (default: the default model)")
     v.add_argument("--data", required=True)
@@ -176,12 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import run_command
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except SegDiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, debug=getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""Fine-tuning: a trained model adapted to a user's own images in minutes, with the trainer's own loop.
+
+It starts from the model's weights (the EMA that was shipped), keeps the model's network and input scale,
+trains on random crops of the user's images with a learning rate suited to fine-tuning, holds back a
+validation share when there are at least four images (scored before the first step too, so a run that does
+not help returns the base model's weights), and writes a model file that records where it came from.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .._errors import SegDiffError
+from ..io import _within, check_writable
+from ..models import SegDiffModel, _registry, _user_registry, load_model, register_user_model, save_model, sha256_of
+from .datasets import load_folder
+from .trainer import TrainConfig, Trainer, export
+
+#: fine-tuning recipe (the model's network and input scale are kept)
+LR = 5e-5
+BATCH = 4
+VAL_EVERY = 25
+MIN_VAL_IMAGES = 4  # below this every image trains and the last state is kept
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    sha256: str
+    steps: int
+    minutes: float
+    base_score: float | None  # validation score of the base model (None: no validation share)
+    best_score: float | None
+    kept: str  # "best" (a fine-tuned state), "base" (fine-tuning did not beat the base model) or "last"
+    cancelled: bool
+    train_images: list[str]
+    val_images: list[str]
+    name: str | None = None
+
+
+def _augment_for(meta: dict[str, Any]) -> str:
+    if meta.get("augment"):
+        return str(meta["augment"])
+    return "aerial-shift" if meta.get("pixel_unit") in ("m", "cm") else "monuseg"
+
+
+def _val_tile(base) -> int:
+    """The tile the model is meant to run at: its recommended one, else its training crop in image pixels."""
+    tile = (base.meta.get("tiling") or {}).get("tile")
+    if tile:
+        return int(tile)
+    f = base.config.downsample_factor
+    side = base.config.image_size / base.config.input_scale
+    return max(f, int(round(side / f)) * f)
+
+
+def _names(names) -> list[str] | None:
+    if names is None:
+        return None
+    p = Path(str(names))
+    if p.is_file():
+        return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return [n for n in str(names).split(",") if n]
+
+
+def finetune(model, data: str | Path, out: str | Path, *, minutes: float | None = None, steps: int | None = None,
+             names=None, name: str | None = None, overwrite: bool = False, seed: int = 0, threads: int = 0,
+             select_metric: str | None = None, on_step: Callable[[Trainer, dict], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, progress: bool = True, samples=None) -> FinetuneResult:
+    """Fine-tune ``model`` (shipped name or file) on ``data`` (``images/`` + ``masks/``) for ``minutes`` or
+    ``steps``; write the model file ``out`` and, with ``name``, register it as a user model. ``samples``:
+    already-loaded :class:`Sample` pairs instead of ``data`` (the napari widget passes its layers so)."""
+    if (minutes is None) == (steps is None):
+        raise SegDiffError("give a budget: either minutes or steps (one of them)")
+    if minutes is not None and not (isinstance(minutes, (int, float)) and np.isfinite(minutes) and minutes > 0):
+        raise SegDiffError(f"minutes must be > 0, got {minutes!r}")
+    if steps is not None and not (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps > 0):
+        raise SegDiffError(f"steps must be an integer > 0, got {steps!r}")
+    out = Path(out)
+    if out.suffix.lower() != ".pt":
+        raise SegDiffError(f"the fine-tuned model is a .pt file; got {str(out)!r}")
+    if out.exists() and not overwrite:
+        raise SegDiffError(f"output {str(out)!r} already exists; choose another path or pass --overwrite")
+    check_writable(out)  # a directory, a parent that is a file, no permission: refused before any work
+    if data and _within(out, Path(data)):
+        raise SegDiffError(f"output {str(out)!r} lies inside the training data {str(data)!r}; write it elsewhere")
+    if name is not None:
+        if name in _registry():
+            raise SegDiffError(f"{name!r} is a shipped model's name; choose another --name")
+        if name in _user_registry() and not overwrite:
+            raise SegDiffError(f"a user model named {name!r} exists already; choose another --name or pass --overwrite")
+    base = load_model(model)
+    if samples is None:
+        samples = load_folder(data)
+    wanted = _names(names)
+    if wanted is not None:
+        have = {s.name for s in samples}
+        missing = sorted(set(wanted) - have)
+        if missing:
+            raise SegDiffError(f"--names lists images that are not in {data}/images: {missing[:5]}")
+        samples = [s for s in samples if s.name in set(wanted)]
+    if not samples:
+        raise SegDiffError("no image/mask pairs to fine-tune on")
+    if not any(s.mask.any() for s in samples):
+        raise SegDiffError("every mask is empty: mark the objects (mask > 0) in at least one image")
+    rng = np.random.default_rng(seed)
+    val_names: list[str] = []
+    if len(samples) >= MIN_VAL_IMAGES:
+        k = max(1, int(round(0.25 * len(samples))))
+        val_names = sorted(samples[i].name for i in rng.choice(len(samples), k, replace=False))
+    metric = select_metric or ("iou" if base.meta.get("pixel_unit") in ("m", "cm") else "dice")
+    run = Path(tempfile.mkdtemp(prefix=f".{out.stem}.finetune.", dir=out.parent if out.parent.exists() else None))
+    try:
+        init = str(model)
+        if isinstance(model, SegDiffModel):  # an in-memory model (the napari widget): through a file
+            init = str(run / "base.pt")
+            save_model(model, init, half=False, meta=model.meta)
+        cfg = TrainConfig(data=str(data or ""), init=init, val=",".join(val_names) or "none",
+                          augment=_augment_for(base.meta), crop=base.config.image_size, batch_size=BATCH, lr=LR,
+                          warmup_steps=10, max_steps=int(steps) if steps else 10**7,
+                          max_minutes=float(minutes) if minutes else 0.0, ema_decay=0.99,
+                          val_every=VAL_EVERY if val_names else 10**7, val_samples=1, val_steps=2,
+                          val_tile=_val_tile(base), select_metric=metric, ckpt_every=10**7, seed=seed,
+                          threads=threads, out=str(run))
+        tr = Trainer(cfg, samples=samples)
+        base_score = None
+        if val_names:  # the base model's own score: fine-tuning must beat it to be kept
+            base_score = tr.score(tr.validate(), None)
+            tr.best = base_score
+            tr.save_checkpoint("best.pt")
+        t0 = time.time()
+        cancelled = False
+
+        def _step(t: Trainer) -> None:
+            nonlocal cancelled
+            if on_step is not None:
+                on_step(t, {"step": t.step, "elapsed": time.time() - t0, "best": t.best})
+            if should_stop is not None and should_stop():
+                cancelled = True
+                t._stop = True
+
+        tr.fit(progress=progress, on_step=_step)
+        took = (time.time() - t0) / 60
+        ck = "best.pt" if val_names and (run / "best.pt").exists() else "last.pt"
+        kept = "last" if ck == "last.pt" else ("base" if base_score is not None and tr.best <= base_score else "best")
+        meta = {"base_model": {"name": base.name, "sha256": base.sha256}, "finetune": {
+            "steps": tr.step, "minutes": round(took, 2), "train_images": [s.name for s in tr.train_set],
+            "val_images": val_names, "data": str(data or "napari layers"), "kept": kept,
+            "base_score": base_score, "best_score": tr.best if val_names else None, "select_metric": metric}}
+        for k in ("pixel_size", "pixel_unit", "instances", "tiling", "augment"):
+            if k in base.meta:
+                meta[k] = base.meta[k]
+        path, sha, _half = export(run, out, name or out.stem, checkpoint=ck, sampling=base.meta.get("sampling"),
+                                  extra_meta={**meta, "description": f"fine-tuned from {base.name}"})
+        if name is not None:
+            register_user_model(name, path, sha256_of(path), f"fine-tuned from {base.name}", overwrite=overwrite)
+        return FinetuneResult(path, sha, tr.step, took, base_score, tr.best if val_names else None, kept, cancelled,
+                              [s.name for s in tr.train_set], val_names, name)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)

@@ -1,0 +1,140 @@
+"""napari-segdiff-train finetune with a tiny model: budgets, validation share, best-state keeping, the model
+file's provenance, the user model directory, and the refusals that keep data safe."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import napari_segdiff as ns
+from napari_segdiff import SegDiffError
+from napari_segdiff.models import list_models, load_model, save_model, sha256_of, user_models_dir
+from napari_segdiff.training.cli import main
+from napari_segdiff.training.finetune import finetune
+
+from _helpers import disc_image, tiny_model
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    d = tmp_path / "user-models"
+    monkeypatch.setenv("NAPARI_SEGDIFF_MODELS", str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ft")
+    path = d / "base.pt"
+    save_model(tiny_model(seed=0, perturb=0.3), path, half=False,
+               meta={"name": "tiny-base", "pixel_size": 0.15, "pixel_unit": "m", "sampling": {"samples": 2, "steps": 2}})
+    return path
+
+
+def _folder(root, n=4, size=48, instance_masks=False):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        img, mask = disc_image(size, seed=i)
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
+        m = mask.astype(np.uint8) * (7 if instance_masks else 255)
+        Image.fromarray(m).save(root / "masks" / f"im{i}.png")
+    return root
+
+
+def test_finetune_writes_a_model_with_its_provenance_and_registers_it(base, tmp_path, user_dir):
+    data = _folder(tmp_path / "data", n=4, instance_masks=True)
+    out = tmp_path / "mine.pt"
+    res = finetune(str(base), data, out, steps=3, name="mine", progress=False)
+    assert res.steps == 3 and res.val_images and len(res.train_images) == 3 and res.kept in ("best", "base")
+    m = load_model(str(out))
+    assert m.meta["base_model"] == {"name": "tiny-base", "sha256": sha256_of(base)}
+    ft = m.meta["finetune"]
+    assert ft["steps"] == 3 and sorted(ft["train_images"] + ft["val_images"]) == [f"im{i}" for i in range(4)]
+    assert m.meta["pixel_size"] == 0.15 and m.meta["sampling"] == {"samples": 2, "steps": 2}
+    # by name, everywhere: load_model, list_models, segment
+    assert "mine" in list_models() and (user_dir / "mine.pt").is_file()
+    assert load_model("mine").sha256 == sha256_of(user_dir / "mine.pt")
+    img, _ = disc_image(32, seed=9)
+    assert ns.segment(img, "mine", tile=32, device="cpu").probability.shape == (32, 32)
+
+
+def test_base_state_is_kept_when_finetuning_does_not_beat_it(base, tmp_path, user_dir, monkeypatch):
+    from napari_segdiff.training import trainer as trainer_mod
+
+    data = _folder(tmp_path / "data", n=4)
+    scores = iter([0.9, 0.1, 0.1, 0.1])  # the base model scores 0.9, every fine-tuned state 0.1
+    monkeypatch.setattr(trainer_mod.Trainer, "validate", lambda self, net=None: {"iou": next(scores)})
+    res = finetune(str(base), data, tmp_path / "o.pt", steps=2, progress=False)
+    assert res.kept == "base" and res.base_score == 0.9
+    base_w = load_model(str(base)).net.state_dict()
+    new_w = load_model(str(tmp_path / "o.pt")).net.state_dict()
+    # the base weights (to the float16 rounding the model file may use), not a fine-tuned state
+    assert all(np.allclose(base_w[k].numpy(), new_w[k].numpy(), rtol=1e-3, atol=1e-4) for k in base_w)
+
+
+def test_small_data_trains_on_everything(base, tmp_path, user_dir):
+    data = _folder(tmp_path / "data", n=2)
+    res = finetune(str(base), data, tmp_path / "o.pt", steps=2, progress=False)
+    assert res.val_images == [] and res.kept == "last" and len(res.train_images) == 2
+
+
+def test_cancel_keeps_the_best_so_far(base, tmp_path, user_dir):
+    data = _folder(tmp_path / "data", n=4)
+    res = finetune(str(base), data, tmp_path / "o.pt", steps=1000, progress=False, should_stop=lambda: True)
+    assert res.cancelled and res.steps == 1 and (tmp_path / "o.pt").is_file()
+
+
+def test_cli_synopsis_and_refusals(base, tmp_path, user_dir, capsys):
+    data = _folder(tmp_path / "data", n=2)
+    out = tmp_path / "cli.pt"
+    assert main(["finetune", "--model", str(base), "--data", str(data), "--steps", "2", "-o", str(out),
+                 "--name", "cli-model", "-q"]) == 0
+    assert "registered user model 'cli-model'" in capsys.readouterr().out
+    before = out.read_bytes()
+    reg_before = (user_dir / "models.json").read_text()
+    cases = [
+        (["--steps", "2", "-o", str(out)], "already exists"),  # existing output without --overwrite
+        (["--steps", "2", "-o", str(tmp_path / "x.pt"), "--name", "cli-model"], "exists already"),  # name clash
+        (["--steps", "2", "-o", str(tmp_path / "x.pt"), "--name", "nuclei-he"], "shipped model's name"),
+        (["--steps", "0", "-o", str(tmp_path / "x.pt")], "steps must be an integer > 0"),
+        (["--minutes", "-1", "-o", str(tmp_path / "x.pt")], "minutes must be > 0"),
+    ]
+    for extra, msg in cases:
+        assert main(["finetune", "--model", str(base), "--data", str(data), *extra, "-q"]) == 2, extra
+        assert msg in capsys.readouterr().err, msg
+    assert out.read_bytes() == before and (user_dir / "models.json").read_text() == reg_before
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_bad_data_and_bad_base_refused(base, tmp_path, user_dir):
+    data = _folder(tmp_path / "data", n=2)
+    (data / "images" / "lonely.png").write_bytes((data / "images" / "im0.png").read_bytes())
+    with pytest.raises(SegDiffError, match="have no mask"):
+        finetune(str(base), data, tmp_path / "o.pt", steps=1, progress=False)
+    (data / "images" / "lonely.png").unlink()
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(data / "masks" / "im1.png")
+    with pytest.raises(SegDiffError, match="is .* but its mask is"):
+        finetune(str(base), data, tmp_path / "o.pt", steps=1, progress=False)
+    empty = _folder(tmp_path / "empty", n=2)
+    for p in (empty / "masks").iterdir():
+        Image.fromarray(np.zeros((48, 48), np.uint8)).save(p)
+    with pytest.raises(SegDiffError, match="every mask is empty"):
+        finetune(str(base), empty, tmp_path / "o.pt", steps=1, progress=False)
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"not a model")
+    with pytest.raises(SegDiffError, match="not a valid napari-segdiff model"):
+        finetune(str(foreign), empty, tmp_path / "o.pt", steps=1, progress=False)
+    with pytest.raises(SegDiffError, match="either minutes or steps"):
+        finetune(str(base), empty, tmp_path / "o.pt", progress=False)
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_corrupt_user_model_list_is_a_clear_error(user_dir):
+    user_dir.mkdir(parents=True)
+    (user_dir / "models.json").write_text("{not json")
+    with pytest.raises(SegDiffError, match="user model list .* is unreadable"):
+        list_models()
+    assert user_models_dir() == user_dir
