@@ -4,10 +4,11 @@ from importlib.resources import files
 import numpy as np
 import pytest
 
-from napari_segdiff._sample_data import buildings_aerial, nuclei_he
+from napari_segdiff._sample_data import buildings_aerial, buildings_scene, nuclei_he
 
 
-@pytest.mark.parametrize("fn, shape", [(nuclei_he, (512, 512, 3)), (buildings_aerial, (256, 256, 3))])
+@pytest.mark.parametrize("fn, shape", [(nuclei_he, (512, 512, 3)), (buildings_aerial, (256, 256, 3)),
+                                       (buildings_scene, (2048, 2048, 3))])
 def test_sample_functions_return_image_and_mask(fn, shape):
     (img, img_kw, img_type), (mask, mask_kw, mask_type) = fn()
     assert (img_type, mask_type) == ("image", "labels")

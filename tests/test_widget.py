@@ -115,9 +115,15 @@ def test_rerun_updates_layers_in_place(qtbot, dock):
     viewer, widget = dock()
     viewer.add_image(rgb_image(), name="img", rgb=True)
     run_and_wait(qtbot, widget)
+    assert "img labels" not in viewer.layers
+    widget.instances.value = True
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["img labels"]
+    assert labels.data.dtype == np.int32 and labels.data.max() == labels.metadata["objects"]
+    np.testing.assert_array_equal(labels.data > 0, viewer.layers["img mask"].data > 0)
+    assert f"{labels.metadata['objects']} objects" in widget.status.value
     before = {layer.name: layer for layer in viewer.layers}
     widget.seed.value = 11
-    widget.instances.value = True
     run_and_wait(qtbot, widget)
     assert {layer.name: layer for layer in viewer.layers} == before  # same layer objects, none added
     assert viewer.layers["img mask"].metadata["seed"] == 11

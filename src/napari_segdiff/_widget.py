@@ -7,6 +7,7 @@ no Qt) inside a napari thread worker.
 from __future__ import annotations
 
 import secrets
+import weakref
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,12 @@ from ._errors import SegDiffError
 from .config import PRECISIONS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig
 from .engine import available_devices, recommended_config
 from .models import SegDiffModel, list_models, load_model
-from .stacks import MIN_DISTANCE, SliceProgress, StackResult, leading_shape, segment_stack
+from .pixelsize import model_pixel_size
+from .stacks import SliceProgress, StackResult, leading_shape, segment_stack
 
 MODEL_FILE = "model file..."
+#: segmentation widgets alive in this process: a newly fine-tuned model is offered to each of them
+LIVE_WIDGETS: "weakref.WeakSet[SegDiffWidget]" = weakref.WeakSet()
 #: one source for defaults: the library's typed configs
 _SAMPLING, _TILING, _SEGMENT = SamplingConfig(), TilingConfig(), SegmentConfig()
 _MAX_SEED = 2**31 - 1
@@ -52,7 +56,13 @@ class SegDiffWidget(Container):
     - ``"<input> probability"``: Image, mean of the samples in [0, 1] (added hidden: toggle it on);
     - ``"<input> variance"``: Image (magma, additive), per-pixel variance of the samples: the model's
       uncertainty;
-    - ``"<input> mask"``: Labels, probability > threshold, or instance labels when *split instances* is on.
+    - ``"<input> mask"``: Labels, probability > threshold;
+    - ``"<input> labels"``: Labels, one id per object, when *instances* is on (the status line counts them).
+
+    *pixel size*: 0 takes the layer's scale as the image's pixel size (in the model's unit) when the scale is
+    not 1, and otherwise uses the image as it is; a value > 0 overrides it. Either way the image is resampled
+    to the model's native pixel size per tile and the outputs come back on the layer's grid; the status line
+    says which pixel size was used.
 
     Running again on the same input **replaces the data of those three layers** when layers of those
     names (and kinds) exist, keeping their display settings; otherwise it adds them.
@@ -75,6 +85,7 @@ class SegDiffWidget(Container):
         self._pbar: progress | None = None
         self._build()
         self._on_model_change()
+        LIVE_WIDGETS.add(self)
 
     # -- layout ------------------------------------------------------------------------------------
 
@@ -102,19 +113,20 @@ class SegDiffWidget(Container):
                                           "masks), else float32")
         self.seed = SpinBox(label="seed", value=-1 if _SAMPLING.seed is None else _SAMPLING.seed, min=-1,
                             max=_MAX_SEED, tooltip="Random seed of the sampling noise; -1 draws one")
-        self.instances = CheckBox(text="split instances (watershed)", value=False,
-                                  tooltip="Split the mask into instance labels by a distance-transform watershed")
-        self.min_distance = SpinBox(label="min distance", value=MIN_DISTANCE, min=1, max=1000, visible=False,
-                                    tooltip="Smallest distance in pixels between two instance centres")
+        self.pixel_size = FloatSpinBox(label="pixel size", value=0.0, min=0.0, max=1e6, step=0.01,
+                                       tooltip="The image's pixel size in the model's unit; 0 = the layer's "
+                                               "scale (when it is not 1)")
+        self.instances = CheckBox(text="instances (one label per object)", value=False,
+                                  tooltip="Add a Labels layer with one id per object, by the model's instance "
+                                          "method (nuclei: watershed; buildings: connected components)")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.extend([self.image, self.model, self.model_file, self.samples, self.steps, self.tile, self.overlap,
-                     self.threshold, self.device, self.precision, self.seed, self.instances, self.min_distance,
+                     self.threshold, self.device, self.precision, self.seed, self.pixel_size, self.instances,
                      self.run_button, self.cancel_button, self.status])
         self.model.changed.connect(self._on_model_change)
         self.model_file.changed.connect(self._on_model_change)
-        self.instances.changed.connect(lambda v: setattr(self.min_distance, "visible", bool(v)))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
 
@@ -164,7 +176,13 @@ class SegDiffWidget(Container):
         self.samples.value = rec.samples
         self.steps.value = rec.steps if rec.steps is not None else mdl.diffusion.T
         self.overlap.value = rec_cfg.tiling.overlap
-        self.status.value = f"model {mdl.name}" + (f" ({mdl.sha256[:12]})" if mdl.sha256 else "")
+        self.tile.value = rec_cfg.tiling.tile
+        native = model_pixel_size(mdl.meta)
+        self.pixel_size.tooltip = (f"The image's pixel size in {native[1]} (the model's native: {native[0]:g} "
+                                   f"{native[1]}); 0 = the layer's scale (when it is not 1)" if native else
+                                   "this model does not record its pixel size: images are used as they are")
+        self.status.value = f"model {mdl.name}" + (f" ({mdl.sha256[:12]})" if mdl.sha256 else "") + \
+            (f", native pixel size {native[0]:g} {native[1]}" if native else "")
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -184,6 +202,19 @@ class SegDiffWidget(Container):
                     threshold=sampling.threshold, tile=tiling.tile, overlap=tiling.overlap, device=cfg.device,
                     precision=cfg.precision)
 
+    def pixel_size_for(self, layer, model: SegDiffModel | None) -> tuple[float | None, str]:
+        """(pixel size to pass, a sentence saying where it came from) for ``layer`` and ``model``."""
+        native = model_pixel_size(model.meta) if model is not None else None
+        if float(self.pixel_size.value) > 0:
+            if native is None:
+                raise SegDiffError("this model does not record its pixel size: set pixel size to 0")
+            return float(self.pixel_size.value), f"pixel size {self.pixel_size.value:g} {native[1]} (set here)"
+        scale = float(np.asarray(layer.scale)[-1])
+        if native is None or np.isclose(scale, 1.0):
+            return None, "pixel size: the image as it is" + (f" (model's native {native[0]:g} {native[1]}; "
+                                                            f"layer scale 1)" if native else "")
+        return scale, f"pixel size {scale:g} {native[1]} (the layer's scale)"
+
     def run(self, *_):
         """Start segmenting the chosen layer in a thread worker; returns the worker (None if not started)."""
         if self.running:
@@ -196,11 +227,15 @@ class SegDiffWidget(Container):
             kwargs = self.engine_kwargs()
             data = layer.data[0] if layer.multiscale else layer.data
             leading_shape(tuple(data.shape), layer.rgb)
+            px, px_text = self.pixel_size_for(layer, self._models.get(key))
         except SegDiffError as e:
             return self._fail(str(e))
-        target = {"name": layer.name, "scale": np.array(layer.scale), "translate": np.array(layer.translate)}
+        if px is not None:
+            kwargs["pixel_size"] = px
+        target = {"name": layer.name, "scale": np.array(layer.scale), "translate": np.array(layer.translate),
+                  "pixel_text": px_text}
         worker = create_worker(segment_stack, data, bool(layer.rgb), self._models.get(key, key),
-                               instances=bool(self.instances.value), min_distance=int(self.min_distance.value),
+                               instances=bool(self.instances.value),
                                _start_thread=False, _ignore_errors=True, **kwargs)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda result: self._on_done(key, target, result))
@@ -265,9 +300,13 @@ class SegDiffWidget(Container):
                   {"colormap": "gray", "contrast_limits": (0.0, 1.0), "visible": False})
         self._put(Image, f"{name} variance", result.variance, meta, geo,
                   {"colormap": "magma", "blending": "additive"})
-        self._put(Labels, f"{name} mask", result.labels, meta, geo, {"opacity": 0.6})
+        self._put(Labels, f"{name} mask", result.mask, meta, geo, {"opacity": 0.6})
+        objects = ""
+        if result.labels is not None:
+            self._put(Labels, f"{name} labels", result.labels, meta, geo, {"opacity": 0.6})
+            objects = f", {meta['objects']} objects"
         self.status.value = (f"done: {meta['model']}, {meta['samples']} samples x {meta['steps']} steps, "
-                             f"{meta['seconds']:.1f} s")
+                             f"{meta['seconds']:.1f} s{objects}; {target['pixel_text']}")
 
     def _put(self, kind, name: str, data, meta, geo, new_kwargs) -> None:
         """Update the layer ``name`` of this kind in place, or add it."""
