@@ -11,10 +11,7 @@ from napari_segdiff.cli import main
 from napari_segdiff.io import read_result
 from napari_segdiff.models import save_model
 
-try:
-    from ._helpers import tiny_model
-except ImportError:  # tests/ is not a package
-    from _helpers import tiny_model
+from _helpers import tiny_model
 
 FAST = ["--samples", "2", "--steps", "2", "--tile", "32", "--device", "cpu", "-q"]
 

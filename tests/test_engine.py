@@ -15,10 +15,7 @@ from napari_segdiff._errors import SegDiffError
 from napari_segdiff.engine import Progress, SegmentationResult, iter_segment, segment, tile_seed
 from napari_segdiff.tiling import window_grid
 
-try:
-    from ._helpers import sigmoid, tiny_model
-except ImportError:  # tests/ is not a package
-    from _helpers import sigmoid, tiny_model
+from _helpers import sigmoid, tiny_model
 
 KW = dict(device="cpu", tile=32, overlap=0.25)
 

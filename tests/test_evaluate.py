@@ -12,10 +12,7 @@ from napari_segdiff.models import load_model, save_model
 from napari_segdiff.training.cli import main
 from napari_segdiff.training.metrics import all_metrics
 
-try:
-    from ._helpers import disc_image, tiny_model
-except ImportError:  # tests/ is not a package
-    from _helpers import disc_image, tiny_model
+from _helpers import disc_image, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,7 @@ from napari_segdiff.config import get_preset
 from napari_segdiff.models import (FORMAT, SegDiffModel, atomic_write_bytes, load_model, load_model_file,
                                    save_model, sha256_of)
 
-try:
-    from ._helpers import tiny_model
-except ImportError:  # tests/ is not a package
-    from _helpers import tiny_model
+from _helpers import tiny_model
 
 
 def _probe(model: SegDiffModel) -> torch.Tensor:
