@@ -4,7 +4,7 @@
 >>> result = napari_segdiff.segment(image)            # shipped default model
 >>> result.probability, result.variance, result.mask
 """
-from ._errors import Cancelled, ModelFileError, SegDiffError
+from ._errors import ModelFileError, SegDiffError
 from .config import PRESETS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig, get_preset
 from .engine import Progress, SegmentationResult, available_devices, iter_segment, recommended_config, segment
 from .models import DEFAULT_MODEL, SegDiffModel, list_models, load_model
@@ -30,5 +30,4 @@ __all__ = [
     "recommended_config",
     "SegDiffError",
     "ModelFileError",
-    "Cancelled",
 ]

@@ -8,6 +8,3 @@ class SegDiffError(ValueError):
 class ModelFileError(SegDiffError):
     """A model file is missing, corrupted, of another architecture or fails its checksum."""
 
-
-class Cancelled(Exception):
-    """Raised inside a run when the caller asked it to stop."""

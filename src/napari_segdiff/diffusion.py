@@ -153,6 +153,8 @@ class Diffusion:
         ``sampler='ddim'`` uses the DDIM update with ``eta``. Noise is drawn on the CPU from
         ``generator`` (or by ``noise_fn``) so results do not depend on the device.
         """
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         sched = self.sampling_schedule(steps)
         if noise_fn is None:
             noise_fn = lambda s: torch.randn(s, generator=generator, dtype=torch.float32)  # noqa: E731
