@@ -21,10 +21,7 @@ from napari_segdiff.models import load_model
 from napari_segdiff.training.datasets import Sample
 from napari_segdiff.training.trainer import TrainConfig, Trainer, export, pack_checkpoint
 
-try:
-    from ._helpers import disc_image
-except ImportError:  # tests/ is not a package
-    from _helpers import disc_image
+from _helpers import disc_image
 
 
 def _discs(n=3, size=48):
@@ -259,10 +256,12 @@ def test_packed_checkpoint_is_smaller_and_resumes(tmp_path):
     samples = _discs(2)
     a = Trainer(_cfg(tmp_path / "a", max_steps=6, preset="tiny"), samples=samples)
     a.fit(progress=False)
+    # pack refuses to write into a run directory (beside a config.json), so pack first, then make it a run
+    assert train_main(["pack", str(tmp_path / "a"), "-o", str(tmp_path / "packed.pt")]) == 0
     packed = tmp_path / "b" / "last.pt"
     packed.parent.mkdir()
+    shutil.move(tmp_path / "packed.pt", packed)
     shutil.copy(tmp_path / "a" / "config.json", packed.parent / "config.json")
-    assert train_main(["pack", str(tmp_path / "a"), "-o", str(packed)]) == 0
     full = (tmp_path / "a" / "last.pt").stat().st_size
     assert packed.stat().st_size < 0.8 * full
     st = torch.load(packed, weights_only=True)
@@ -284,3 +283,16 @@ def test_packed_checkpoint_is_smaller_and_resumes(tmp_path):
         pack_checkpoint(packed, packed)
     assert train_main(["pack", str(tmp_path / "a" / "config.json"), "-o", str(tmp_path / "x.pt")]) == 2
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_unknown_select_metric_is_refused():
+    with pytest.raises(SegDiffError, match="select_metric must be one of .*got 'dcie'"):
+        _cfg("unused", select_metric="dcie")
+
+
+@pytest.mark.parametrize("metric,values,best", [("dice", [0.5, 0.8, 0.6], 0.8), ("ece", [0.3, 0.1, 0.2], 0.1),
+                                               ("calibration", [0.3, 0.1, 0.2], 0.1)])
+def test_checkpoint_selection_follows_the_metric_direction(tmp_path, metric, values, best):
+    t = Trainer(_cfg(tmp_path, select_metric=metric), samples=_discs(2))
+    scores = {t.score({metric: v}, loss=1.0): v for v in values}
+    assert scores[max(scores)] == best

@@ -143,8 +143,13 @@ class FinetuneWidget(Container):
         score = "" if res.base_score is None else f", validation {res.best_score:.3f} (base {res.base_score:.3f})"
         self.status.value = f"{how}: model {res.name!r}, {res.steps} steps, {res.minutes:.1f} min{score}"
         self.model_added.emit(res.name)
-        for w in _segment_widgets(self._viewer):
-            w.model.reset_choices()
+        from ._widget import LIVE_WIDGETS
+
+        for w in list(LIVE_WIDGETS):
+            try:
+                w.model.reset_choices()
+            except RuntimeError:  # its window was closed: the Qt side is gone
+                LIVE_WIDGETS.discard(w)
 
     def _on_finished(self) -> None:
         self._worker = None
@@ -154,12 +159,6 @@ class FinetuneWidget(Container):
     def _fail(self, message: str) -> None:
         self.status.value = f"error: {message}"
         show_error(f"SegDiff fine-tuning: {message}")
-
-
-def _segment_widgets(viewer) -> list:
-    from ._widget import LIVE_WIDGETS
-
-    return list(LIVE_WIDGETS)
 
 
 class ReviewWidget(Container):
