@@ -17,10 +17,14 @@
 7. compile: one batched sampling forward of the default model (N samples of a 256 tile) eager, eager
            channels-last and under torch.compile (inductor), side by side, with the compile time and the
            largest output difference; and the same forward with 1 and with 2 torch threads.
+8. attention: the same forward and segment() on the 512x512 sample with attention forced onto PyTorch's
+           math fallback (what the old (b, c, hw) layout got) against the fused CPU SDPA kernel it takes now,
+           side by side, with the share of self time in attention ops and the masks compared.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -332,10 +336,57 @@ def bench_compile(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
     return row
 
 
+# ---------------------------------------------------------------------------------------- 8. attention
+def _attention_share(fn) -> float:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    attn = sum(e.self_cpu_time_total for e in ev if "attention" in e.key or "softmax" in e.key or e.key == "aten::bmm")
+    return attn / total if total else 0.0
+
+
+def bench_attention(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    net = model.net.eval().to(memory_format=torch.channels_last)
+    side = int(round(tile * model.config.input_scale))
+    g = torch.Generator().manual_seed(0)
+    img = (torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1)
+    x = torch.randn(samples, 1, side, side, generator=g).to(memory_format=torch.channels_last)
+    t = torch.full((samples,), model.diffusion.T // 2, dtype=torch.long)
+    row: dict = {"model": model.name, "samples": samples, "tile": tile}
+    image = sample_512()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = net.encode_image(img).repeat_interleave(samples, 0).to(memory_format=torch.channels_last)
+        fwd = lambda: net(x, t, features=feats)  # noqa: E731
+        outs = {}
+        for name in ("math", "fused", "math", "fused"):  # interleaved, best of each
+            ctx = sdpa_kernel([SDPBackend.MATH]) if name == "math" else contextlib.nullcontext()
+            with ctx:
+                row[f"{name}_forward_s"] = min(row.get(f"{name}_forward_s", 1e9), _best_of(fwd, reps=2))
+                outs[name] = fwd().float()
+                row[f"{name}_attention_share"] = _attention_share(fwd)
+    row["forward_speedup"] = row["math_forward_s"] / row["fused_forward_s"]
+    row["forward_max_abs_diff"] = float((outs["math"] - outs["fused"]).abs().max())
+    masks = {}
+    for name in ("math", "fused", "math", "fused"):
+        ctx = sdpa_kernel([SDPBackend.MATH]) if name == "math" else contextlib.nullcontext()
+        with ctx:
+            t0 = time.perf_counter()
+            masks[name] = ns.segment(image, model, seed=0).mask
+            row[f"{name}_segment_512_s"] = min(row.get(f"{name}_segment_512_s", 1e9), time.perf_counter() - t0)
+    row["segment_512_speedup"] = row["math_segment_512_s"] / row["fused_segment_512_s"]
+    row["mask_agreement"] = float((masks["math"] == masks["fused"]).mean())
+    net.to(memory_format=torch.contiguous_format)
+    print(f"  attention: {row}", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile")
+    p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile,attention")
     p.add_argument("--sizes", default="512,1000,4096", help="image sizes for the images part")
     p.add_argument("--tile-models", default="default,monuseg,vaihingen",
                    help="'default' (the shipped default model) and/or paper presets for the tile part")
@@ -376,6 +427,8 @@ def main(argv=None) -> int:
             [] if args.quick else [("monuseg", 1, 256), ("vaihingen", 1, 256), ("cityscapes", 1, 128)]))
     if "compile" in parts:
         res["compile"] = bench_compile(model, model.meta.get("sampling", {}).get("samples", 3))
+    if "attention" in parts:
+        res["attention"] = bench_attention(model, 2 * model.meta.get("sampling", {}).get("samples", 3))
     print_table(res)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -426,6 +479,14 @@ def print_table(res: dict) -> None:
             print(f"torch.compile: {r['compiled_s']:.2f} s (x{r['compile_speedup']:.2f}) after {r['compile_time_s']:.0f} s "
                   f"of compiling (pays off after {'never' if be is None else f'{be:.0f} forwards'}), "
                   f"max |diff| {r['compiled_max_abs_diff']:.1e}")
+    if "attention" in res:
+        r = res["attention"]
+        print(f"attention, math fallback vs fused SDPA kernel ({r['model']}, bf16, channels-last): one forward of "
+              f"{r['samples']} x {r['tile']} {r['math_forward_s']:.2f} s vs {r['fused_forward_s']:.2f} s "
+              f"(x{r['forward_speedup']:.2f}; attention ops {100 * r['math_attention_share']:.0f}% vs "
+              f"{100 * r['fused_attention_share']:.0f}% of self time; max |diff| {r['forward_max_abs_diff']:.1e}); "
+              f"segment() 512x512 {r['math_segment_512_s']:.1f} s vs {r['fused_segment_512_s']:.1f} s "
+              f"(x{r['segment_512_speedup']:.2f}), masks agree on {100 * r['mask_agreement']:.3f}% of pixels")
 
 
 if __name__ == "__main__":
