@@ -20,6 +20,10 @@
 8. attention: the same forward and segment() on the 512x512 sample with attention forced onto PyTorch's
            math fallback (what the old (b, c, hw) layout got) against the fused CPU SDPA kernel it takes now,
            side by side, with the share of self time in attention ops and the masks compared.
+9. skip:   tiles that need no model (transparent, uniform, slide glass): the share skipped and the time with
+           and without skipping on the aerial sample scene, on the scene rotated 30 degrees onto a nodata
+           canvas (as an orthophoto's footprint sits in its raster), and on a slide-like image (the H&E
+           sample pasted twice onto a 1536x1536 noisy glass background).
 """
 from __future__ import annotations
 
@@ -383,10 +387,50 @@ def bench_attention(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
     return row
 
 
+# ---------------------------------------------------------------------------------------- 9. skip
+def skip_images() -> list[tuple[str, np.ndarray, str]]:
+    from skimage.io import imread
+    from skimage.transform import rotate
+
+    root = Path(ns.__file__).parent.parent.parent / "sample_data"
+    scene = np.asarray(imread(root / "buildings_scene.jpg"))[..., :3]
+    rot = (rotate(scene, 30, resize=True, cval=0, order=1, preserve_range=True)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    slide = np.clip(235 + rng.normal(0, 4, (1536, 1536, 1)) + rng.normal(0, 2, (1536, 1536, 3)), 0, 255)
+    slide = slide.astype(np.uint8)
+    he = sample_512()
+    slide[256:768, 256:768] = he
+    slide[768:1280, 1024:1536] = he
+    aerial = "buildings-all" if "buildings-all" in list_models() else "buildings-aerial"
+    return [("aerial sample scene 2048x2048", scene, aerial),
+            (f"scene rotated 30 deg on nodata, {rot.shape[0]}x{rot.shape[1]}", rot, aerial),
+            ("slide-like 1536x1536 (H&E sample twice on glass)", slide, "nuclei-he")]
+
+
+def bench_skip() -> list[dict]:
+    rows = []
+    for label, img, name in skip_images():
+        model = ns.load_model(name)
+        row: dict = {"image": label, "model": name}
+        res = {}
+        for on in (True, False):
+            t0 = time.perf_counter()
+            res[on] = ns.segment(img, model, seed=0, skip_empty=on)
+            row["seconds_skip" if on else "seconds_all"] = time.perf_counter() - t0
+        row["tiles"] = res[True].info["tiles"]
+        row["skipped_tiles"] = res[True].info["skipped_tiles"]
+        row["skipped"] = res[True].info["skipped"]
+        row["speedup"] = row["seconds_all"] / row["seconds_skip"]
+        row["mask_agreement"] = float((res[True].mask == res[False].mask).mean())
+        print(f"  skip: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile,attention")
+    p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile,attention,skip")
     p.add_argument("--sizes", default="512,1000,4096", help="image sizes for the images part")
     p.add_argument("--tile-models", default="default,monuseg,vaihingen",
                    help="'default' (the shipped default model) and/or paper presets for the tile part")
@@ -429,6 +473,8 @@ def main(argv=None) -> int:
         res["compile"] = bench_compile(model, model.meta.get("sampling", {}).get("samples", 3))
     if "attention" in parts:
         res["attention"] = bench_attention(model, 2 * model.meta.get("sampling", {}).get("samples", 3))
+    if "skip" in parts:
+        res["skip"] = bench_skip()
     print_table(res)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -487,6 +533,10 @@ def print_table(res: dict) -> None:
               f"{100 * r['fused_attention_share']:.0f}% of self time; max |diff| {r['forward_max_abs_diff']:.1e}); "
               f"segment() 512x512 {r['math_segment_512_s']:.1f} s vs {r['fused_segment_512_s']:.1f} s "
               f"(x{r['segment_512_speedup']:.2f}), masks agree on {100 * r['mask_agreement']:.3f}% of pixels")
+    for r in res.get("skip", []):
+        print(f"skip empty tiles, {r['image']} ({r['model']}): {r['skipped_tiles']} of {r['tiles']} tiles skipped "
+              f"({100 * r['skipped_tiles'] / r['tiles']:.0f}%: {r['skipped']}); {r['seconds_all']:.1f} s -> "
+              f"{r['seconds_skip']:.1f} s (x{r['speedup']:.2f}); masks agree on {100 * r['mask_agreement']:.2f}%")
 
 
 if __name__ == "__main__":

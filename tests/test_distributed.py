@@ -21,6 +21,7 @@ def _model():
 def test_local_cluster_matches_single_process():
     m = _model()
     img = np.random.default_rng(0).random((90, 110, 3)).astype(np.float32)
+    img[:60, :60] = 0.0  # nodata: its 4 tiles are skipped on both roads
     kw = dict(samples=2, steps=3, tile=32, overlap=0.25, seed=3)
     single = ns.segment(img, m, **kw)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -29,6 +30,7 @@ def test_local_cluster_matches_single_process():
         # both workers really got work
         assert len(client.scheduler_info()["workers"]) == 2
     assert single.variance.max() > 1e-4  # the comparison is not between two constant maps
+    assert single.info["skipped_tiles"] == spread.info["skipped_tiles"] == 4
     np.testing.assert_allclose(spread.probability, single.probability, atol=1e-5)
     np.testing.assert_allclose(spread.variance, single.variance, atol=1e-5)
     assert (spread.mask == single.mask).mean() > 0.999

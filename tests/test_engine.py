@@ -222,7 +222,7 @@ def test_stitching_is_seamless(stand_in, model, shape, tile, overlap):
     yy, xx = np.mgrid[:H, :W]
     img = np.stack([0.5 + 0.4 * np.sin(yy / 13.0 + c) * np.cos(xx / 7.0 - c) for c in range(3)], -1)
     img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
-    r = segment(img, model, tile=tile, overlap=overlap, batch_size=3, device="cpu")
+    r = segment(img, model, tile=tile, overlap=overlap, batch_size=3, device="cpu", skip_empty=False)
     whole = _mean_fn(np.moveaxis(img * 2.0 - 1.0, -1, 0))  # the stand-in applied to the whole image
     np.testing.assert_allclose(r.probability, whole, atol=2e-5)
     np.testing.assert_allclose(r.variance, _var_fn(whole), atol=2e-5)
@@ -308,3 +308,93 @@ def test_dask_input_with_the_real_model_reads_chunks_only(model):
     assert r.probability.shape == (256, 256) and 0 <= r.probability.min() and r.probability.max() <= 1
     np_r = segment(np.asarray(arr), model, samples=1, steps=1, tile=32, overlap=0.0, batch_size=64, device="cpu")
     np.testing.assert_array_equal(r.probability, np_r.probability)
+
+
+# ---------------------------------------------------------------- tiles that need no model
+def _textured(H, W, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((H, W, 3)).astype(np.float32)
+
+
+def test_uniform_tiles_are_skipped_with_zero_output_and_the_rest_unchanged(stand_in, model):
+    img = _textured(96, 128)
+    img[:, 64:] = 0.0  # right half: nodata fill, its two tile columns are uniform
+    full = segment(img, model, tile=32, overlap=0.0, batch_size=3, device="cpu", skip_empty=False)
+    n_all = sum(s[0] for s in stand_in.instances[-1].batch_shapes)
+    part = segment(img, model, tile=32, overlap=0.0, batch_size=3, device="cpu")
+    n_sampled = sum(s[0] for s in stand_in.instances[-1].batch_shapes)
+    assert n_all == full.info["tiles"] == 12 and full.info["skipped_tiles"] == 0
+    assert part.info["skipped_tiles"] == 6 and part.info["skipped"] == {"uniform": 6} and n_sampled == 6
+    np.testing.assert_allclose(part.probability[:, :64], full.probability[:, :64], atol=1e-6)
+    assert not part.probability[:, 64:].any() and not part.variance[:, 64:].any()
+    assert full.probability[:, 64:].min() > 0.05  # the stand-in would have said something there
+
+
+def test_skipped_tiles_keep_raster_order_and_the_last_batch(stand_in, model):
+    """Skipped tiles between and after sampled ones (the last batch only partly full) come out in order."""
+    img = _textured(64, 160)
+    img[:, 32:96] = 0.5  # columns 1-2 of 5 uniform
+    img[32:, 128:] = 1.0  # the very last tile uniform
+    got = segment(img, model, tile=32, overlap=0.25, batch_size=4, device="cpu")
+    ref = segment(img, model, tile=32, overlap=0.25, batch_size=4, device="cpu", skip_empty=False)
+    assert got.info["skipped_tiles"] > 0
+    sampled = np.abs(got.probability - ref.probability) < 1e-6
+    assert sampled[:, :20].all() and sampled[:, 104:124].all()  # far from any skipped tile: identical
+
+
+def test_transparent_tiles_are_skipped(stand_in, model):
+    img = np.concatenate([_textured(64, 64), np.ones((64, 64, 1), np.float32)], axis=-1)
+    img[:32, :, 3] = 0.0  # top row of tiles fully transparent (their RGB is noise)
+    r = segment(img, model, tile=32, overlap=0.0, device="cpu")
+    assert r.info["skipped"] == {"transparent": 2}
+    assert not r.probability[:32].any() and r.probability[32:].min() > 0
+
+
+def test_glass_is_skipped_only_for_a_bright_background_model(stand_in, model):
+    rng = np.random.default_rng(1)
+    glass = np.clip(0.93 + rng.normal(0, 0.02, (64, 64, 3)), 0, 1).astype(np.float32)
+    glass[40:48, 40:48] = (0.35, 0.2, 0.5)  # one small hematoxylin-dark nucleus in the lower right tile
+    r = segment(glass, model, tile=32, overlap=0.0, device="cpu")
+    assert r.info["skipped_tiles"] == 0  # the model does not declare a bright background
+    model.meta["background"] = "bright"
+    try:
+        r = segment(glass, model, tile=32, overlap=0.0, device="cpu")
+    finally:
+        del model.meta["background"]
+    assert r.info["skipped"] == {"background": 3}
+    assert r.probability[32:, 32:].min() > 0 and not r.probability[:32].any()
+
+
+def test_empty_tile_rules():
+    from napari_segdiff.transforms import UNIFORM_SPAN, empty_tile
+
+    flat = np.full((16, 16, 3), 0.2, np.float32)
+    assert empty_tile(flat) == "uniform"
+    nearly = flat.copy()
+    nearly[3, 4, 1] += UNIFORM_SPAN * 0.9
+    assert empty_tile(nearly) == "uniform"
+    nearly[3, 4, 1] += UNIFORM_SPAN * 0.2
+    assert empty_tile(nearly) is None
+    assert empty_tile(nearly, alpha=np.zeros((16, 16))) == "transparent"
+    assert empty_tile(nearly, alpha=np.eye(16)) is None
+    # bright, grey glass with a few dark specks (fewer than 1 in 1000 pixels) vs one nucleus
+    rng = np.random.default_rng(0)
+    glass = (np.clip(0.92 + rng.normal(0, 0.02, (256, 256, 3)), 0, 1) * 2 - 1).astype(np.float32)
+    specks = glass.copy()
+    specks[rng.integers(0, 256, 40), rng.integers(0, 256, 40)] = -0.5
+    assert empty_tile(specks, bright_background=True) == "background"
+    assert empty_tile(specks) is None  # without the model's say-so only uniform tiles count
+    yy, xx = np.mgrid[:256, :256]
+    nucleus = glass.copy()
+    nucleus[(yy - 100) ** 2 + (xx - 60) ** 2 <= 16] = (-0.3, -0.6, 0.0)
+    assert empty_tile(nucleus, bright_background=True) is None
+    dark_grey = np.full((64, 64, 3), -0.2, np.float32) + rng.normal(0, 0.05, (64, 64, 1)).astype(np.float32)
+    assert empty_tile(dark_grey, bright_background=True) is None  # grey but dark: tissue-like, sampled
+
+
+def test_cli_no_skip_empty(tmp_path):
+    from napari_segdiff.cli import build_parser
+
+    args = build_parser().parse_args(["segment", "x.png", "-o", "y.tif", "--no-skip-empty"])
+    assert args.skip_empty is False
+    assert build_parser().parse_args(["segment", "x.png", "-o", "y.tif"]).skip_empty is None

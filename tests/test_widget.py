@@ -242,3 +242,19 @@ def test_window_screenshot_with_results_is_not_blank(qtbot, dock):
     assert pixels[..., :3].std() > 20, "window grab is blank"
     canvas = viewer.screenshot(canvas_only=True)
     assert canvas[..., :3].std() > 20, "canvas is blank"
+
+
+def test_empty_tiles_skipped_and_reported_unless_switched_off(qtbot, dock):
+    viewer, widget = dock()
+    img = rgb_image(64, 64)
+    img[:, 32:] = 0  # nodata on the right
+    widget.image.value = viewer.add_image(img, name="ortho", rgb=True)
+    widget.tile.value, widget.overlap.value = 32, 0.0
+    run_and_wait(qtbot, widget)
+    assert viewer.layers["ortho probability"].metadata["skipped_tiles"] == 2
+    assert "2 of 4 tiles empty" in widget.status.value
+    assert not viewer.layers["ortho probability"].data[:, 32:].any()
+    widget.skip_empty.value = False
+    run_and_wait(qtbot, widget)
+    assert viewer.layers["ortho probability"].metadata["skipped_tiles"] == 0
+    assert viewer.layers["ortho probability"].data[:, 32:].any()

@@ -53,10 +53,9 @@ def _run_batch(key: str, model_data: bytes, sampling, device: str, images: np.nd
     return runner(images, indices, seed)
 
 
-def distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, seed, device: str = "auto",
+def distributed_tiles(client, items, tiling, mdl, sampling, seed, device: str = "auto",
                       max_in_flight: int | None = None, precision: str = "auto", input_scale: float | None = None):
-    from .tiling import iter_windows
-
+    """items: (window, tile scaled to [-1, 1]) in raster order; yields (window, mean, second moment) in order."""
     key, data = _model_bytes(mdl)
     model_future = client.scatter(data, broadcast=True, hash=False)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
@@ -64,13 +63,13 @@ def distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, seed, 
     pending: deque = deque()
 
     def submit(batch):
-        imgs = np.stack([to_chw(scale.apply(b)) for _, b in batch])
+        imgs = np.stack([to_chw(b) for _, b in batch])
         fut = client.submit(_run_batch, key, model_future, sampling, device, imgs, [w.index for w, _ in batch],
                             seed, precision, input_scale, pure=False)
         pending.append(([w for w, _ in batch], fut))
 
     batch = []
-    for item in iter_windows(arr, windows, tiling.tile):
+    for item in items:
         batch.append(item)
         if len(batch) == tiling.batch_size:
             submit(batch)

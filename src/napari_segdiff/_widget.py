@@ -119,12 +119,15 @@ class SegDiffWidget(Container):
         self.instances = CheckBox(text="instances (one label per object)", value=False,
                                   tooltip="Add a Labels layer with one id per object, by the model's instance "
                                           "method (nuclei: watershed; buildings: connected components)")
+        self.skip_empty = CheckBox(text="skip empty tiles", value=_TILING.skip_empty,
+                                   tooltip="Tiles that are fully transparent, uniform (nodata) or, for slide models, "
+                                           "glass only get probability 0 without sampling")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.extend([self.image, self.model, self.model_file, self.samples, self.steps, self.tile, self.overlap,
                      self.threshold, self.device, self.precision, self.seed, self.pixel_size, self.instances,
-                     self.run_button, self.cancel_button, self.status])
+                     self.skip_empty, self.run_button, self.cancel_button, self.status])
         self.model.changed.connect(self._on_model_change)
         self.model_file.changed.connect(self._on_model_change)
         self.run_button.changed.connect(self.run)
@@ -195,12 +198,13 @@ class SegDiffWidget(Container):
         seed = secrets.randbits(31) if self.seed.value < 0 else int(self.seed.value)
         sampling = SamplingConfig(samples=int(self.samples.value), steps=int(self.steps.value), seed=seed,
                                   threshold=float(self.threshold.value))
-        tiling = TilingConfig(tile=int(self.tile.value), overlap=float(self.overlap.value))
+        tiling = TilingConfig(tile=int(self.tile.value), overlap=float(self.overlap.value),
+                              skip_empty=bool(self.skip_empty.value))
         cfg = SegmentConfig(sampling=sampling, tiling=tiling, device=str(self.device.value),
                             precision=str(self.precision.value))
         return dict(samples=sampling.samples, steps=sampling.steps, seed=sampling.seed,
                     threshold=sampling.threshold, tile=tiling.tile, overlap=tiling.overlap, device=cfg.device,
-                    precision=cfg.precision)
+                    precision=cfg.precision, skip_empty=tiling.skip_empty)
 
     def pixel_size_for(self, layer, model: SegDiffModel | None) -> tuple[float | None, str]:
         """(pixel size to pass, a sentence saying where it came from) for ``layer`` and ``model``."""
@@ -305,6 +309,8 @@ class SegDiffWidget(Container):
         if result.labels is not None:
             self._put(Labels, f"{name} labels", result.labels, meta, geo, {"opacity": 0.6})
             objects = f", {meta['objects']} objects"
+        if meta.get("skipped_tiles"):
+            objects += f", {meta['skipped_tiles']} of {meta['tiles']} tiles empty (not sampled)"
         self.status.value = (f"done: {meta['model']}, {meta['samples']} samples x {meta['steps']} steps, "
                              f"{meta['seconds']:.1f} s{objects}; {target['pixel_text']}")
 

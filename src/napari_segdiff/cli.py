@@ -45,7 +45,7 @@ def cmd_segment(args) -> int:
 
         client = Client(args.scheduler)
     kw = {k: getattr(args, k) for k in ("samples", "steps", "seed", "tile", "overlap", "batch_size", "threshold",
-                                         "sampler", "eta") if getattr(args, k) is not None}
+                                         "sampler", "eta", "skip_empty") if getattr(args, k) is not None}
     kw.update(_pixel_size_args(args, meta, inp))
     if args.instances:
         kw["instances"] = True
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tile", type=int)
     s.add_argument("--overlap", type=float)
     s.add_argument("--batch-size", dest="batch_size", type=int)
+    s.add_argument("--no-skip-empty", dest="skip_empty", action="store_false", default=None,
+                   help="sample every tile (default: transparent, uniform and, for slide models, glass-only tiles "
+                        "get probability 0 without sampling)")
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32")

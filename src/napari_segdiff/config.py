@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from ._errors import SegDiffError
 
 
@@ -171,9 +173,13 @@ class TilingConfig:
     tile: int = 256
     overlap: float = 0.25
     batch_size: int = 2  # tiles per network batch (each carries all its samples)
+    # tiles that need no model (fully transparent, uniform, or slide background for models that declare a
+    # bright background) get probability 0 and variance 0 without sampling; False samples every tile
+    skip_empty: bool = True
 
     def __post_init__(self) -> None:
         _normalise_ints(self, ("tile", "batch_size"))
+        _check(isinstance(self.skip_empty, (bool, np.bool_)), f"skip_empty must be True or False, got {self.skip_empty!r}")
         _check(isinstance(self.tile, int) and self.tile >= 8, f"tile must be an integer >= 8, got {self.tile!r}")
         _check(0.0 <= self.overlap < 1.0, f"overlap must be in [0, 1), got {self.overlap}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,

@@ -13,6 +13,7 @@ import os
 import secrets
 import time
 import warnings
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -24,7 +25,7 @@ from .config import PRECISIONS, SamplingConfig, SegmentConfig, TilingConfig
 from .models import SegDiffModel, load_model
 from .pixelsize import model_pixel_size, scale_factor
 from .tiling import StreamingBlender, Window, iter_windows, taper_weights, window_grid
-from .transforms import Intensity, as_hwc, intensity_range, to_chw
+from .transforms import alpha_of, as_hwc, empty_tile, intensity_range, to_chw
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,7 @@ def iter_segment(
     pixel_size: float | None = None,
     pixel_unit: str | None = None,
     instances: bool = False,
+    skip_empty: bool | None = None,
 ) -> Iterator[Progress | SegmentationResult]:
     """Segment a 2-D grey or RGB(A) image (numpy, dask or zarr), yielding :class:`Progress` per tile
     and finally a :class:`SegmentationResult`. Keyword arguments override ``config``; a model's own
@@ -313,7 +315,12 @@ def iter_segment(
     resized to the model's native pixel size (``model.meta['pixel_size']``) and the outputs back, so they
     stay on the image's grid; the default tile is then the model's tile in its own pixels. ``instances``
     adds ``result.labels`` (int32 ids, 0 = background) by the model's instance method
-    (``meta['instances']``; connected components by default)."""
+    (``meta['instances']``; connected components by default).
+
+    ``skip_empty`` (default on) gives tiles that need no model probability 0 and variance 0 without sampling
+    them: fully transparent tiles of an RGBA image, uniform tiles (nodata fill) and, for a model whose file
+    declares a bright background (``meta['background'] == 'bright'``: bright-field slides), tiles without
+    tissue. ``info['skipped_tiles']`` counts them and ``info['skipped']`` gives the reasons."""
     t_start = time.perf_counter()
     dev = resolve_device(device or (config.device if config else "auto"))
     mdl = load_model(model, device=dev)
@@ -329,7 +336,8 @@ def iter_segment(
     if sampling.steps is not None and sampling.steps > mdl.diffusion.T:
         raise SegDiffError(f"steps must be between 1 and {mdl.diffusion.T} (the model's diffusion steps), "
                            f"got {sampling.steps}")
-    t_over = {k: v for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size).items() if v is not None}
+    t_over = {k: v for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size,
+                                    skip_empty=skip_empty).items() if v is not None}
     tiling = dataclasses.replace(cfg.tiling, **t_over)
     f = mdl.config.downsample_factor
     factor = scale_factor(pixel_size, pixel_unit, mdl.meta, mdl.name)
@@ -378,28 +386,46 @@ def iter_segment(
         "steps": sampling.steps if sampling.steps is not None else mdl.diffusion.T,
         "sampler": sampling.sampler, "seed": run_seed, "threshold": thr, "tile": tiling.tile,
         "overlap": tiling.overlap, "batch_size": tiling.batch_size, "device": str(dev), "precision": prec,
-        "tiles": len(windows),
+        "tiles": len(windows), "skip_empty": tiling.skip_empty,
     }
     if pixel_size is not None:
         native = model_pixel_size(mdl.meta)
         info.update(pixel_size=float(pixel_size), pixel_unit=pixel_unit or native[1], model_pixel_size=native[0],
                     model_pixel_unit=native[1], scale_factor=round(factor, 6))
+    items = ((win, scale.apply(block)) for win, block in iter_windows(arr, windows, tiling.tile))
+    skipped: Counter = Counter()
     if client is not None:
         from ._distributed import distributed_tiles
 
         # workers resolve device and precision themselves: theirs may differ from this process's
-        results = distributed_tiles(client, arr, scale, windows, tiling, mdl, sampling, run_seed,
-                                    device=device or (config.device if config else "auto"),
-                                    precision=precision or cfg.precision, input_scale=in_scale)
+        def run(its):
+            return distributed_tiles(client, its, tiling, mdl, sampling, run_seed,
+                                     device=device or (config.device if config else "auto"),
+                                     precision=precision or cfg.precision, input_scale=in_scale)
     else:
         runner = TileSampler(mdl, sampling, dev, precision=prec, channels_last=channels_last, scale=in_scale)
-        results = _local_tiles(runner, arr, scale, windows, tiling, run_seed)
+
+        def run(its):
+            return _local_tiles(runner, its, tiling, run_seed)
+    if tiling.skip_empty:
+        alpha = alpha_of(image)
+        bright = mdl.meta.get("background") == "bright"
+
+        def why_empty(win: Window, block: np.ndarray) -> str | None:
+            a = None if alpha is None else np.asarray(alpha[win.slices])
+            return empty_tile(block[: win.h, : win.w], a, bright_background=bright)
+
+        results = _skipping(items, why_empty, run, tiling.tile, skipped)
+    else:
+        results = run(items)
     done = 0
     for win, m, s2 in results:
         blender.add(win, m, s2)
         done += 1
         yield Progress(done, len(windows), time.perf_counter() - t_start)
     blender.finish()
+    info["skipped_tiles"] = sum(skipped.values())
+    info["skipped"] = dict(skipped)
     if client is None:
         info["network_evaluations"] = runner.network_evaluations
         info["encoder_evaluations"] = runner.encoder_evaluations
@@ -447,16 +473,47 @@ def _write_labels(prob_array, labels: np.ndarray, tile: int):
     return arr
 
 
-def _local_tiles(runner: TileSampler, arr, scale: Intensity, windows: list[Window], tiling: TilingConfig, seed: int):
+def _local_tiles(runner: TileSampler, items, tiling: TilingConfig, seed: int):
+    """items: (window, tile scaled to [-1, 1], (tile, tile, C)); yields (window, mean, second moment) in order."""
     batch: list[tuple[Window, np.ndarray]] = []
-    for item in iter_windows(arr, windows, tiling.tile):
+
+    def flush():
+        imgs = np.stack([to_chw(b) for _, b in batch])
+        means, seconds = runner(imgs, [w.index for w, _ in batch], seed)
+        return zip([w for w, _ in batch], means, seconds)
+
+    for item in items:
         batch.append(item)
-        if len(batch) == tiling.batch_size or item[0].index == windows[-1].index:
-            imgs = np.stack([to_chw(scale.apply(b)) for _, b in batch])
-            means, seconds = runner(imgs, [w.index for w, _ in batch], seed)
-            for (win, _), m, s2 in zip(batch, means, seconds):
-                yield win, m, s2
+        if len(batch) == tiling.batch_size:
+            yield from flush()
             batch = []
+    if batch:
+        yield from flush()
+
+
+def _skipping(items, why_empty, run, tile: int, counts: Counter):
+    """Tiles for which ``why_empty`` gives a reason bypass ``run`` and come back as zero mean and second
+    moment; the rest go through ``run`` (batched, local or distributed). Results keep the raster order the
+    streaming blender needs."""
+    order: deque = deque()  # (window, skipped?) in input order, until its result is out
+    zero = np.zeros((tile, tile), np.float32)
+
+    def feed():
+        for win, block in items:
+            why = why_empty(win, block)
+            order.append((win, why is not None))
+            if why is None:
+                yield win, block
+            else:
+                counts[why] += 1
+
+    for win, m, s2 in run(feed()):
+        while order[0][1]:
+            yield order.popleft()[0], zero, zero
+        order.popleft()
+        yield win, m, s2
+    while order:
+        yield order.popleft()[0], zero, zero
 
 
 def recommended_config(mdl: SegDiffModel) -> SegmentConfig:

@@ -108,7 +108,8 @@ def segment_stack(data, rgb: bool, model, *, instances: bool = False,
             labels[idx] = np.where(lab > 0, lab + (labels.max() if labels.size else 0), 0)
         infos.append(result.info)
     info = dict(infos[0])
-    info.update(seconds=round(sum(i["seconds"] for i in infos), 3), slices=n, instances=bool(instances))
+    info.update(seconds=round(sum(i["seconds"] for i in infos), 3), slices=n, instances=bool(instances),
+                tiles=sum(i["tiles"] for i in infos), skipped_tiles=sum(i.get("skipped_tiles", 0) for i in infos))
     if instances:
         info["objects"] = int(labels.max())
     return StackResult(prob, var, mask, labels, info, mdl)

@@ -15,6 +15,24 @@ from ._errors import SegDiffError
 
 def as_hwc(image, in_channels: int = 3) -> da.Array:
     """A lazy (H, W, C) dask view of a 2-D grey or RGB(A) image (channel-last or channel-first)."""
+    arr = _layout(image)
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]  # drop alpha
+    if arr.shape[-1] == 1 and in_channels == 3:
+        arr = da.concatenate([arr] * 3, axis=-1)
+    elif arr.shape[-1] == 3 and in_channels == 1:
+        arr = arr.mean(axis=-1, keepdims=True)
+    return arr
+
+
+def alpha_of(image) -> da.Array | None:
+    """The lazy (H, W) alpha channel of an RGBA image, None for grey or RGB."""
+    arr = _layout(image)
+    return arr[..., 3] if arr.shape[-1] == 4 else None
+
+
+def _layout(image) -> da.Array:
+    """(H, W, 1|3|4) lazy view of a supported image, or a SegDiffError that says what to do."""
     shape = tuple(getattr(image, "shape", ()))
     if not shape:
         raise SegDiffError("image must be an array with a shape (numpy, dask or zarr); got "
@@ -42,12 +60,6 @@ def as_hwc(image, in_channels: int = 3) -> da.Array:
         raise SegDiffError(f"image of shape {shape} is empty; it needs at least 1x1 pixels")
     if arr.dtype.kind not in "biuf":
         raise SegDiffError(f"image dtype {arr.dtype} is not supported; use bool, integer or float pixels")
-    if arr.shape[-1] == 4:
-        arr = arr[..., :3]  # drop alpha
-    if arr.shape[-1] == 1 and in_channels == 3:
-        arr = da.concatenate([arr] * 3, axis=-1)
-    elif arr.shape[-1] == 3 and in_channels == 1:
-        arr = arr.mean(axis=-1, keepdims=True)
     return arr
 
 
@@ -97,3 +109,35 @@ def intensity_range(arr: da.Array) -> Intensity:
 
 def to_chw(block: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(block, -1, 0))
+
+
+#: a tile whose every channel spans at most this much of [-1, 1] is uniform: 2 grey levels of an 8-bit image
+UNIFORM_SPAN = 4.0 / 255.0
+
+
+def empty_tile(block: np.ndarray, alpha: np.ndarray | None = None, bright_background: bool = False) -> str | None:
+    """Why a tile needs no model, or None when it does. ``block``: the tile's valid pixels, (h, w, C) scaled to
+    [-1, 1]; ``alpha``: its alpha values (an RGBA image).
+
+    * ``"transparent"``: every alpha value is 0 (an orthophoto's outside);
+    * ``"uniform"``: every channel is constant to within :data:`UNIFORM_SPAN` (nodata fill, blank canvas);
+    * ``"background"`` (only with ``bright_background``, for bright-field slides): on the tile averaged over
+      4 x 4 blocks (which quiets sensor and JPEG noise), fewer than 3 blocks look like tissue,
+      i.e. coloured (chroma > 0.06) or darker than 0.8 of full scale; glass is bright and grey. A single
+      nucleus of 4 px radius covers about 3 blocks, so its tile is sampled.
+    """
+    if alpha is not None and alpha.size and not np.any(alpha):
+        return "transparent"
+    flat = block.reshape(-1, block.shape[-1])
+    if not flat.size or np.all(flat.max(axis=0) - flat.min(axis=0) <= UNIFORM_SPAN):
+        return "uniform"
+    if bright_background and block.shape[-1] == 3:
+        h, w = block.shape[0] // 4 * 4, block.shape[1] // 4 * 4
+        if h and w:
+            rgb = (block[:h, :w].reshape(h // 4, 4, w // 4, 4, 3).mean(axis=(1, 3)).reshape(-1, 3) + 1.0) * 0.5
+        else:
+            rgb = (flat + 1.0) * 0.5
+        hi, lo = rgb.max(axis=1), rgb.min(axis=1)
+        if np.count_nonzero((hi - lo > 0.06) | (hi < 0.8)) < 3:
+            return "background"
+    return None
