@@ -6,6 +6,7 @@
   virtual one by itself when the ``Xvfb`` binary is installed; where there is neither a display nor Xvfb
   they are skipped with a message that says how to run them, so the suite passes on a fresh machine.
 """
+
 import os
 
 import pytest
@@ -13,8 +14,10 @@ import torch
 
 torch.set_num_threads(1)
 
-NO_DISPLAY = ("no X display: napari GUI test skipped. Install Xvfb (Debian/Ubuntu: `sudo apt-get install xvfb`; "
-              "scripts/setup.sh does this when run as root) and run the tests again: pytest-xvfb starts it by itself")
+NO_DISPLAY = (
+    "no X display: napari GUI test skipped. Install Xvfb (Debian/Ubuntu: `sudo apt-get install xvfb`; "
+    "scripts/setup.sh does this when run as root) and run the tests again: pytest-xvfb starts it by itself"
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@ model's run (the review list) or at random.
 
 Prints one row per (choice, minutes): pooled IoU on the held-out tiles of the place, against the base model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from buildings_eval import DATA, evaluate, summary, tiles
+
 from napari_segdiff.training.finetune import finetune
 
 
@@ -53,11 +54,23 @@ def main() -> None:
                 s = summary(evaluate(str(tmp / "ft.pt"), test))["all"]
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            row = {"place": a.place, "choice": choice, "minutes": minutes, "steps": res.steps, "train": train,
-                   "test": test, "base_pooled_iou": base, "pooled_iou": s["pooled_iou"], "f1_50": s["f1_50"]}
+            row = {
+                "place": a.place,
+                "choice": choice,
+                "minutes": minutes,
+                "steps": res.steps,
+                "train": train,
+                "test": test,
+                "base_pooled_iou": base,
+                "pooled_iou": s["pooled_iou"],
+                "f1_50": s["f1_50"],
+            }
             out.append(row)
-            print(f"  {minutes:4.1f} min ({res.steps} steps): pooled IoU {s['pooled_iou']:.4f} (base {base:.4f}), "
-                  f"F1@.5 {s['f1_50']:.3f}", flush=True)
+            print(
+                f"  {minutes:4.1f} min ({res.steps} steps): pooled IoU {s['pooled_iou']:.4f} (base {base:.4f}), "
+                f"F1@.5 {s['f1_50']:.3f}",
+                flush=True,
+            )
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 

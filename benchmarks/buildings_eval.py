@@ -6,6 +6,7 @@ against the per-building instance maps. Each tile is segmented at its own ground
     python benchmarks/buildings_eval.py --model buildings-all --names training/buildings-all/val.txt
     python benchmarks/buildings_eval.py --model runs/lopo.pt --place Kampala [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,18 @@ def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, 
         kw = {"pixel_size": float(meta[n]["gsd_m"])} if use_pixel_size else {}
         r = ns.segment(img, model, samples=samples, steps=steps, seed=seed, instances=True, **kw)
         m = np.asarray(r.mask)
-        rows.append({"name": n, "place": meta[n]["place"], "inter": int((m & gt).sum()), "union": int((m | gt).sum()),
-                     "iou": float((m & gt).sum() / max(1, (m | gt).sum())) if (m | gt).any() else 1.0,
-                     **instance_metrics(inst, r.labels), "seconds": r.info["seconds"],
-                     "mean_variance": float(np.mean(r.variance))})
+        rows.append(
+            {
+                "name": n,
+                "place": meta[n]["place"],
+                "inter": int((m & gt).sum()),
+                "union": int((m | gt).sum()),
+                "iou": float((m & gt).sum() / max(1, (m | gt).sum())) if (m | gt).any() else 1.0,
+                **instance_metrics(inst, r.labels),
+                "seconds": r.info["seconds"],
+                "mean_variance": float(np.mean(r.variance)),
+            }
+        )
     return rows
 
 
@@ -54,10 +63,14 @@ def summary(rows) -> dict[str, dict]:
         by["all"].append(r)
     out = {}
     for place, rs in by.items():
-        out[place] = {"tiles": len(rs), "pooled_iou": sum(r["inter"] for r in rs) / max(1, sum(r["union"] for r in rs)),
-                      "mean_iou": float(np.mean([r["iou"] for r in rs])), "f1_50": float(np.mean([r["f1_50"] for r in rs])),
-                      "aji": float(np.mean([r["aji"] for r in rs])),
-                      "count_error": float(np.mean([r["count_error"] for r in rs]))}
+        out[place] = {
+            "tiles": len(rs),
+            "pooled_iou": sum(r["inter"] for r in rs) / max(1, sum(r["union"] for r in rs)),
+            "mean_iou": float(np.mean([r["iou"] for r in rs])),
+            "f1_50": float(np.mean([r["f1_50"] for r in rs])),
+            "aji": float(np.mean([r["aji"] for r in rs])),
+            "count_error": float(np.mean([r["count_error"] for r in rs])),
+        }
     return out
 
 
@@ -81,8 +94,10 @@ def main() -> None:
     rows = evaluate(a.model, names, data, a.samples, a.steps, use_pixel_size=not a.no_pixel_size)
     s = summary(rows)
     for place, v in s.items():
-        print(f"{place:12s} tiles {v['tiles']:2d}  pooled IoU {v['pooled_iou']:.4f}  mean IoU {v['mean_iou']:.4f}  "
-              f"F1@.5 {v['f1_50']:.3f}  AJI {v['aji']:.3f}  count err {v['count_error']:+.1f}")
+        print(
+            f"{place:12s} tiles {v['tiles']:2d}  pooled IoU {v['pooled_iou']:.4f}  mean IoU {v['mean_iou']:.4f}  "
+            f"F1@.5 {v['f1_50']:.3f}  AJI {v['aji']:.3f}  count err {v['count_error']:+.1f}"
+        )
     print(f"({time.time() - t0:.0f} s)")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "rows": rows, "summary": s}, indent=1))

@@ -7,6 +7,7 @@ The model's probability maps are computed once (at its defaults) and cached in b
 mean over the held-out validation images (``training/nuclei-he/val.txt``) that have instance maps, and,
 separately, over the training images that have them (in-sample: the model saw their masks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ def main() -> None:
     ap.add_argument("--cache", default=str(ROOT / "bench_out/nuclei_probabilities.npz"))
     a = ap.parse_args()
     data = Path(a.data)
-    val = {ln.strip() for ln in (ROOT / "training/nuclei-he/val.txt").read_text().splitlines()
-           if ln.strip() and not ln.startswith("#")}
+    val = {
+        ln.strip()
+        for ln in (ROOT / "training/nuclei-he/val.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    }
     names = sorted(p.stem for p in (data / "instances").glob("*.png"))
     cache = Path(a.cache)
     probs = dict(np.load(cache)) if cache.exists() else {}
@@ -43,9 +47,16 @@ def main() -> None:
     cache.parent.mkdir(exist_ok=True)
     np.savez_compressed(cache, **probs)
     gts = {n: read_image(data / "instances" / f"{n}.png").astype(np.int64) for n in names}
-    methods = [("components", {}), ("watershed", {"min_distance": 3}), ("watershed", {"min_distance": 5}),
-               ("watershed", {"min_distance": 7}), ("hmaxima", {"h": 0.5}), ("hmaxima", {"h": 1.0}),
-               ("hmaxima", {"h": 2.0}), ("hmaxima", {"h": 3.0})]
+    methods = [
+        ("components", {}),
+        ("watershed", {"min_distance": 3}),
+        ("watershed", {"min_distance": 5}),
+        ("watershed", {"min_distance": 7}),
+        ("hmaxima", {"h": 0.5}),
+        ("hmaxima", {"h": 1.0}),
+        ("hmaxima", {"h": 2.0}),
+        ("hmaxima", {"h": 3.0}),
+    ]
     out = []
     for method, kw in methods:
         for min_area in (0, 10, 20):
@@ -56,10 +67,12 @@ def main() -> None:
                     rows.append({**instance_metrics(gts[n], pred), "dice": dice(probs[n] > 0.5, gts[n] > 0)})
                 mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
                 out.append({"method": method, **kw, "min_area": min_area, "part": part, "images": len(rows), **mean})
-                print(f"{method:10s} {json.dumps(kw):20s} min_area {min_area:2d} {part:18s} n={len(rows):2d} "
-                      f"AJI {mean['aji']:.4f} PQ {mean['pq']:.4f} (DQ {mean['dq']:.3f} SQ {mean['sq']:.3f}) "
-                      f"F1@.5 {mean['f1_50']:.4f} count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
-                      flush=True)
+                print(
+                    f"{method:10s} {json.dumps(kw):20s} min_area {min_area:2d} {part:18s} n={len(rows):2d} "
+                    f"AJI {mean['aji']:.4f} PQ {mean['pq']:.4f} (DQ {mean['dq']:.3f} SQ {mean['sq']:.3f}) "
+                    f"F1@.5 {mean['f1_50']:.4f} count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
+                    flush=True,
+                )
     (ROOT / "bench_out/instance_methods.json").write_text(json.dumps(out, indent=1))
 
 

@@ -25,6 +25,7 @@
            canvas (as an orthophoto's footprint sits in its raster), and on a slide-like image (the H&E
            sample pasted twice onto a 1536x1536 noisy glass background).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -82,19 +83,30 @@ def bench_tile(model: SegDiffModel, samples: int, steps: int, tile: int, label: 
         m, s = runner(img.numpy(), [0], seed=0)
         t_engine = time.perf_counter() - t0
         # the engine at its defaults on this machine (bf16 autocast where native, channels-last on the CPU)
-        fast = TileSampler(model, SamplingConfig(samples=samples, steps=steps, seed=0), torch.device("cpu"),
-                           precision="auto")
+        fast = TileSampler(
+            model, SamplingConfig(samples=samples, steps=steps, seed=0), torch.device("cpu"), precision="auto"
+        )
         fast(img.numpy(), [0], seed=0)  # warm-up: the first bf16/channels-last call builds its kernels
         t0 = time.perf_counter()
         m2, _ = fast(img.numpy(), [0], seed=0)
         t_fast = time.perf_counter() - t0
     model.net.to(memory_format=torch.contiguous_format)
-    return {"model": label, "tile": tile, "samples": samples, "steps": steps,
-            "straightforward_s": t_naive, "engine_s": t_engine, "speedup": t_naive / t_engine,
-            "engine_defaults_s": t_fast, "engine_defaults_precision": fast.precision,
-            "speedup_defaults": t_naive / t_fast, "max_abs_diff_mean_defaults": float(np.abs(m2[0] - ref_m).max()),
-            "straightforward_s_per_step": t_naive / steps, "engine_s_per_step": t_engine / steps,
-            "max_abs_diff_mean": float(np.abs(m[0] - ref_m).max())}
+    return {
+        "model": label,
+        "tile": tile,
+        "samples": samples,
+        "steps": steps,
+        "straightforward_s": t_naive,
+        "engine_s": t_engine,
+        "speedup": t_naive / t_engine,
+        "engine_defaults_s": t_fast,
+        "engine_defaults_precision": fast.precision,
+        "speedup_defaults": t_naive / t_fast,
+        "max_abs_diff_mean_defaults": float(np.abs(m2[0] - ref_m).max()),
+        "straightforward_s_per_step": t_naive / steps,
+        "engine_s_per_step": t_engine / steps,
+        "max_abs_diff_mean": float(np.abs(m[0] - ref_m).max()),
+    }
 
 
 # ---------------------------------------------------------------------------------------- 2. images
@@ -129,8 +141,9 @@ def bench_images(sizes) -> list[dict]:
         sample = Path(str(files("napari_segdiff.sample_data") / "nuclei_he.png"))
     rows = []
     for size in sizes:
-        out = subprocess.run([sys.executable, "-c", IMAGE_CHILD, str(size), str(sample)], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", IMAGE_CHILD, str(size), str(sample)], capture_output=True, text=True, check=True
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"  image {size}x{size}: {rows[-1]['seconds']:.1f} s")
     return rows
@@ -176,7 +189,7 @@ def make_zarr(path: str, size: int, chunk: int = 1024) -> None:
     block = np.stack([(127 + 120 * np.sin(yy / (7 + 5 * c)) * np.cos(xx / 11)) for c in range(3)], -1).astype(np.uint8)
     for y in range(0, size, chunk):
         for x in range(0, size, chunk):
-            z[y:y + chunk, x:x + chunk] = block[: min(chunk, size - y), : min(chunk, size - x)]
+            z[y : y + chunk, x : x + chunk] = block[: min(chunk, size - y), : min(chunk, size - x)]
 
 
 def bench_scale(sizes) -> list[dict]:
@@ -185,8 +198,9 @@ def bench_scale(sizes) -> list[dict]:
         for size in sizes:
             src, dst = f"{d}/in_{size}.zarr", f"{d}/out_{size}.zarr"
             make_zarr(src, size)
-            out = subprocess.run([sys.executable, "-c", SCALE_CHILD, src, dst, str(size)], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", SCALE_CHILD, src, dst, str(size)], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  scale {size}: {rows[-1]['seconds']:.1f} s, peak {rows[-1]['peak_rss_mb']:.0f} MB")
     return rows
@@ -223,9 +237,17 @@ def bench_flops(names) -> tuple[float, list[dict]]:
             t0 = time.perf_counter()
             net(x, t, image=img)
             dt = time.perf_counter() - t0
-        rows.append({"preset": name, "size": side, "parameters": count_parameters(net), "gflops": flops / 1e9,
-                     "forward_s": dt, "achieved_gflops_per_s": flops / dt / 1e9,
-                     "fraction_of_matmul_peak": flops / dt / peak})
+        rows.append(
+            {
+                "preset": name,
+                "size": side,
+                "parameters": count_parameters(net),
+                "gflops": flops / 1e9,
+                "forward_s": dt,
+                "achieved_gflops_per_s": flops / dt / 1e9,
+                "fraction_of_matmul_peak": flops / dt / peak,
+            }
+        )
         print(f"  flops {name}: {flops / 1e9:.1f} GFLOP, {dt:.2f} s")
     return peak, rows
 
@@ -236,8 +258,11 @@ def sample_512() -> np.ndarray:
     from skimage.io import imread
 
     sample = Path(ns.__file__).parent.parent.parent / "sample_data" / "nuclei_he.png"
-    return np.asarray(imread(sample))[:512, :512, :3] if sample.exists() else \
-        (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
+    return (
+        np.asarray(imread(sample))[:512, :512, :3]
+        if sample.exists()
+        else (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
+    )
 
 
 def bench_bf16(model: SegDiffModel) -> dict:
@@ -248,9 +273,13 @@ def bench_bf16(model: SegDiffModel) -> dict:
     t0 = time.perf_counter()
     b = ns.segment(img, model, seed=0, precision="bf16")
     t16 = time.perf_counter() - t0
-    return {"fp32_s": t32, "bf16_s": t16, "speedup": t32 / t16,
-            "mask_agreement": float((a.mask == b.mask).mean()),
-            "max_abs_prob_diff": float(np.abs(a.probability - b.probability).max())}
+    return {
+        "fp32_s": t32,
+        "bf16_s": t16,
+        "speedup": t32 / t16,
+        "mask_agreement": float((a.mask == b.mask).mean()),
+        "max_abs_prob_diff": float(np.abs(a.probability - b.probability).max()),
+    }
 
 
 # ---------------------------------------------------------------------------------------- 6. train step
@@ -271,7 +300,7 @@ def bench_train_step(names_batches) -> list[dict]:
         for _ in range(3):
             t0 = time.perf_counter()
             opt.zero_grad()
-            diff.training_loss(lambda x, t: net(x, t, image=img), x0).backward()
+            diff.training_loss(lambda x, t, net=net, img=img: net(x, t, image=img), x0).backward()
             opt.step()
             times.append(time.perf_counter() - t0)
         rows.append({"preset": name, "batch": batch, "crop": crop, "seconds_per_step": min(times[1:])})
@@ -356,7 +385,7 @@ def bench_attention(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
     net = model.net.eval().to(memory_format=torch.channels_last)
     side = int(round(tile * model.config.input_scale))
     g = torch.Generator().manual_seed(0)
-    img = (torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1)
+    img = torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1
     x = torch.randn(samples, 1, side, side, generator=g).to(memory_format=torch.channels_last)
     t = torch.full((samples,), model.diffusion.T // 2, dtype=torch.long)
     row: dict = {"model": model.name, "samples": samples, "tile": tile}
@@ -402,9 +431,11 @@ def skip_images() -> list[tuple[str, np.ndarray, str]]:
     slide[256:768, 256:768] = he
     slide[768:1280, 1024:1536] = he
     aerial = "buildings-all" if "buildings-all" in list_models() else "buildings-aerial"
-    return [("aerial sample scene 2048x2048", scene, aerial),
-            (f"scene rotated 30 deg on nodata, {rot.shape[0]}x{rot.shape[1]}", rot, aerial),
-            ("slide-like 1536x1536 (H&E sample twice on glass)", slide, "nuclei-he")]
+    return [
+        ("aerial sample scene 2048x2048", scene, aerial),
+        (f"scene rotated 30 deg on nodata, {rot.shape[0]}x{rot.shape[1]}", rot, aerial),
+        ("slide-like 1536x1536 (H&E sample twice on glass)", slide, "nuclei-he"),
+    ]
 
 
 def bench_skip() -> list[dict]:
@@ -432,8 +463,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile,attention,skip")
     p.add_argument("--sizes", default="512,1000,4096", help="image sizes for the images part")
-    p.add_argument("--tile-models", default="default,monuseg,vaihingen",
-                   help="'default' (the shipped default model) and/or paper presets for the tile part")
+    p.add_argument(
+        "--tile-models",
+        default="default,monuseg,vaihingen",
+        help="'default' (the shipped default model) and/or paper presets for the tile part",
+    )
     p.add_argument("--scale-sizes", default="2048,20000", help="image sizes for the scale part")
     p.add_argument("--json", default="bench_out/results.json")
     args = p.parse_args(argv)
@@ -441,8 +475,7 @@ def main(argv=None) -> int:
     res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"machine: {res['machine']}")
     model = default_model()
-    res["default_model"] = {"name": model.name, "sha256": model.sha256,
-                            "sampling": model.meta.get("sampling", {})}
+    res["default_model"] = {"name": model.name, "sha256": model.sha256, "sampling": model.meta.get("sampling", {})}
     if "tile" in parts:
         rows = []
         s = model.meta.get("sampling", {})
@@ -451,7 +484,7 @@ def main(argv=None) -> int:
         if "default" in wanted:
             rows.append(bench_tile(model, N, T, 256, model.name))
             print(f"  tile {model.name}: x{rows[-1]['speedup']:.1f}", flush=True)
-        for name in ([] if args.quick else [w for w in wanted if w != "default"]):
+        for name in [] if args.quick else [w for w in wanted if w != "default"]:
             m = SegDiffModel.from_config(name)
             rows.append(bench_tile(m, 2, 2, 256, f"{name} (paper size, untrained)"))
             print(f"  tile {name}: x{rows[-1]['speedup']:.1f}")
@@ -467,8 +500,10 @@ def main(argv=None) -> int:
     if "bf16" in parts:
         res["bf16"] = bench_bf16(model)
     if "train" in parts:
-        res["train"] = bench_train_step([("cpu-small", 4, 128), ("cpu-medium", 4, 128)] + (
-            [] if args.quick else [("monuseg", 1, 256), ("vaihingen", 1, 256), ("cityscapes", 1, 128)]))
+        res["train"] = bench_train_step(
+            [("cpu-small", 4, 128), ("cpu-medium", 4, 128)]
+            + ([] if args.quick else [("monuseg", 1, 256), ("vaihingen", 1, 256), ("cityscapes", 1, 128)])
+        )
     if "compile" in parts:
         res["compile"] = bench_compile(model, model.meta.get("sampling", {}).get("samples", 3))
     if "attention" in parts:
@@ -486,57 +521,82 @@ def main(argv=None) -> int:
 def print_table(res: dict) -> None:
     print(f"\n## napari-segdiff benchmarks ({res['date']})\nmachine: {res['machine']}\n")
     for r in res.get("tile", []):
-        print(f"tile {r['tile']} {r['model']}: N={r['samples']} T'={r['steps']}: straightforward "
-              f"{r['straightforward_s']:.2f} s ({r['straightforward_s_per_step']:.2f} s/step), engine {r['engine_s']:.2f} s "
-              f"({r['engine_s_per_step']:.2f} s/step): x{r['speedup']:.1f} (same noise, max |diff| {r['max_abs_diff_mean']:.1e}); "
-              f"engine at its defaults ({r['engine_defaults_precision']}, channels-last) {r['engine_defaults_s']:.2f} s: "
-              f"x{r['speedup_defaults']:.1f} (max |diff| {r['max_abs_diff_mean_defaults']:.1e})")
+        print(
+            f"tile {r['tile']} {r['model']}: N={r['samples']} T'={r['steps']}: straightforward "
+            f"{r['straightforward_s']:.2f} s ({r['straightforward_s_per_step']:.2f} s/step), "
+            f"engine {r['engine_s']:.2f} s ({r['engine_s_per_step']:.2f} s/step): x{r['speedup']:.1f} "
+            f"(same noise, max |diff| {r['max_abs_diff_mean']:.1e}); "
+            f"engine at its defaults ({r['engine_defaults_precision']}, channels-last) {r['engine_defaults_s']:.2f} s: "
+            f"x{r['speedup_defaults']:.1f} (max |diff| {r['max_abs_diff_mean_defaults']:.1e})"
+        )
     for r in res.get("images", []):
-        print(f"image {r['size']}x{r['size']} ({r['model']}, N={r['samples']}, T'={r['steps']}, {r['tiles']} tiles): "
-              f"{r['seconds']:.1f} s, {r['mpx_per_min']:.2f} MPx/min, peak RSS {r['peak_rss_mb']:.0f} MB, "
-              f"{r['network_evaluations']} network evaluations")
+        print(
+            f"image {r['size']}x{r['size']} ({r['model']}, N={r['samples']}, T'={r['steps']}, {r['tiles']} tiles): "
+            f"{r['seconds']:.1f} s, {r['mpx_per_min']:.2f} MPx/min, peak RSS {r['peak_rss_mb']:.0f} MB, "
+            f"{r['network_evaluations']} network evaluations"
+        )
     for r in res.get("scale", []):
-        print(f"scale {r['size']}x{r['size']} zarr->zarr ({r['tiles']} tiles, 1 step): {r['seconds']:.0f} s, peak RSS "
-              f"{r['peak_rss_mb']:.0f} MB (a whole-image float32 array would be {r['whole_image_float32_mb']:.0f} MB)")
+        print(
+            f"scale {r['size']}x{r['size']} zarr->zarr ({r['tiles']} tiles, 1 step): {r['seconds']:.0f} s, peak RSS "
+            f"{r['peak_rss_mb']:.0f} MB (a whole-image float32 array would be {r['whole_image_float32_mb']:.0f} MB)"
+        )
     if "flops" in res:
         print(f"fp32 matmul peak: {res['matmul_peak_gflops_per_s']:.1f} GFLOP/s")
         for r in res["flops"]:
-            print(f"forward {r['preset']} @{r['size']} ({r['parameters']:,} params): {r['gflops']:.1f} GFLOP in "
-                  f"{r['forward_s']:.2f} s = {r['achieved_gflops_per_s']:.1f} GFLOP/s "
-                  f"({100 * r['fraction_of_matmul_peak']:.0f}% of matmul peak)")
+            print(
+                f"forward {r['preset']} @{r['size']} ({r['parameters']:,} params): {r['gflops']:.1f} GFLOP in "
+                f"{r['forward_s']:.2f} s = {r['achieved_gflops_per_s']:.1f} GFLOP/s "
+                f"({100 * r['fraction_of_matmul_peak']:.0f}% of matmul peak)"
+            )
     for r in res.get("train", []):
-        print(f"train step {r['preset']} (batch {r['batch']} of {r['crop']}x{r['crop']}): {r['seconds_per_step']:.2f} s")
+        print(
+            f"train step {r['preset']} (batch {r['batch']} of {r['crop']}x{r['crop']}): {r['seconds_per_step']:.2f} s"
+        )
     if "bf16" in res:
         r = res["bf16"]
-        print(f"bf16 autocast vs fp32 (512x512): {r['fp32_s']:.1f} s vs {r['bf16_s']:.1f} s (x{r['speedup']:.2f}), "
-              f"mask agreement {100 * r['mask_agreement']:.2f}%")
+        print(
+            f"bf16 autocast vs fp32 (512x512): {r['fp32_s']:.1f} s vs {r['bf16_s']:.1f} s (x{r['speedup']:.2f}), "
+            f"mask agreement {100 * r['mask_agreement']:.2f}%"
+        )
     if "compile" in res:
         r = res["compile"]
-        print(f"one forward, {r['samples']} samples of a {r['tile']} tile ({r['model']}): eager {r['eager_s']:.2f} s, "
-              f"channels-last {r['channels_last_s']:.2f} s, 1 thread {r['eager_1_threads_s']:.2f} s, "
-              f"2 threads {r['eager_2_threads_s']:.2f} s")
-        print(f"segment() 512x512 ({r['model']} defaults): contiguous {r['segment_512_contiguous_s']:.1f} s, channels-last "
-              f"{r['segment_512_channels_last_s']:.1f} s (x{r['segment_512_channels_last_speedup']:.2f}), masks agree on "
-              f"{100 * r['channels_last_mask_agreement']:.3f}% of pixels")
+        print(
+            f"one forward, {r['samples']} samples of a {r['tile']} tile ({r['model']}): eager {r['eager_s']:.2f} s, "
+            f"channels-last {r['channels_last_s']:.2f} s, 1 thread {r['eager_1_threads_s']:.2f} s, "
+            f"2 threads {r['eager_2_threads_s']:.2f} s"
+        )
+        print(
+            f"segment() 512x512 ({r['model']} defaults): contiguous {r['segment_512_contiguous_s']:.1f} s, "
+            "channels-last "
+            f"{r['segment_512_channels_last_s']:.1f} s (x{r['segment_512_channels_last_speedup']:.2f}), masks agree on "
+            f"{100 * r['channels_last_mask_agreement']:.3f}% of pixels"
+        )
         if "compile_error" in r:
             print(f"torch.compile failed: {r['compile_error']}")
         else:
             be = r["break_even_forwards"]
-            print(f"torch.compile: {r['compiled_s']:.2f} s (x{r['compile_speedup']:.2f}) after {r['compile_time_s']:.0f} s "
-                  f"of compiling (pays off after {'never' if be is None else f'{be:.0f} forwards'}), "
-                  f"max |diff| {r['compiled_max_abs_diff']:.1e}")
+            print(
+                f"torch.compile: {r['compiled_s']:.2f} s (x{r['compile_speedup']:.2f}) "
+                f"after {r['compile_time_s']:.0f} s "
+                f"of compiling (pays off after {'never' if be is None else f'{be:.0f} forwards'}), "
+                f"max |diff| {r['compiled_max_abs_diff']:.1e}"
+            )
     if "attention" in res:
         r = res["attention"]
-        print(f"attention, math fallback vs fused SDPA kernel ({r['model']}, bf16, channels-last): one forward of "
-              f"{r['samples']} x {r['tile']} {r['math_forward_s']:.2f} s vs {r['fused_forward_s']:.2f} s "
-              f"(x{r['forward_speedup']:.2f}; attention ops {100 * r['math_attention_share']:.0f}% vs "
-              f"{100 * r['fused_attention_share']:.0f}% of self time; max |diff| {r['forward_max_abs_diff']:.1e}); "
-              f"segment() 512x512 {r['math_segment_512_s']:.1f} s vs {r['fused_segment_512_s']:.1f} s "
-              f"(x{r['segment_512_speedup']:.2f}), masks agree on {100 * r['mask_agreement']:.3f}% of pixels")
+        print(
+            f"attention, math fallback vs fused SDPA kernel ({r['model']}, bf16, channels-last): one forward of "
+            f"{r['samples']} x {r['tile']} {r['math_forward_s']:.2f} s vs {r['fused_forward_s']:.2f} s "
+            f"(x{r['forward_speedup']:.2f}; attention ops {100 * r['math_attention_share']:.0f}% vs "
+            f"{100 * r['fused_attention_share']:.0f}% of self time; max |diff| {r['forward_max_abs_diff']:.1e}); "
+            f"segment() 512x512 {r['math_segment_512_s']:.1f} s vs {r['fused_segment_512_s']:.1f} s "
+            f"(x{r['segment_512_speedup']:.2f}), masks agree on {100 * r['mask_agreement']:.3f}% of pixels"
+        )
     for r in res.get("skip", []):
-        print(f"skip empty tiles, {r['image']} ({r['model']}): {r['skipped_tiles']} of {r['tiles']} tiles skipped "
-              f"({100 * r['skipped_tiles'] / r['tiles']:.0f}%: {r['skipped']}); {r['seconds_all']:.1f} s -> "
-              f"{r['seconds_skip']:.1f} s (x{r['speedup']:.2f}); masks agree on {100 * r['mask_agreement']:.2f}%")
+        print(
+            f"skip empty tiles, {r['image']} ({r['model']}): {r['skipped_tiles']} of {r['tiles']} tiles skipped "
+            f"({100 * r['skipped_tiles'] / r['tiles']:.0f}%: {r['skipped']}); {r['seconds_all']:.1f} s -> "
+            f"{r['seconds_skip']:.1f} s (x{r['speedup']:.2f}); masks agree on {100 * r['mask_agreement']:.2f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ computes (not bit-identical: the engine draws one (N, 1, h, w) noise tensor per 
 overlap here (the paper's protocol: stride 256). Seconds are measured separately with real
 ``segment()`` calls (default overlap) on the first image (``--time``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,8 @@ def per_sample_maps(model, image, steps, n, seed=0, tile=256, precision="fp32"):
         if p.shape[-2:] != (tile, tile):
             p = torch.nn.functional.interpolate(p, size=(tile, tile), mode="bilinear", align_corners=False)
         p = p[0].numpy()
-        out[:, win.y:win.y + win.h, win.x:win.x + win.w] += p[:, :win.h, :win.w]
-        cnt[win.y:win.y + win.h, win.x:win.x + win.w] += 1
+        out[:, win.y : win.y + win.h, win.x : win.x + win.w] += p[:, : win.h, : win.w]
+        cnt[win.y : win.y + win.h, win.x : win.x + win.w] += 1
     return out / cnt
 
 
@@ -77,24 +78,50 @@ def main(argv=None):
         for N in samples:
             m = {k: float(np.mean([r[k] for r in per[N]])) for k in per[N][0]}
             rows.append({"steps": T, "samples": N, **m})
-            print(f"steps {T:3d} samples {N:2d}: dice {m['dice']:.4f} iou {m['iou']:.4f} boundf {m['boundf']:.4f} "
-                  f"wcov {m['wcov']:.4f} calibration {m['calibration']:.4f} ece {m['ece']:.4f}", flush=True)
+            print(
+                f"steps {T:3d} samples {N:2d}: dice {m['dice']:.4f} iou {m['iou']:.4f} boundf {m['boundf']:.4f} "
+                f"wcov {m['wcov']:.4f} calibration {m['calibration']:.4f} ece {m['ece']:.4f}",
+                flush=True,
+            )
         print(f"  ({time.perf_counter() - t0:.0f} s for steps={T})", flush=True)
     timings = []
     for item in [t for t in a.time.split(",") if t]:
         N, T = (int(v) for v in item.split(":"))
         t0 = time.perf_counter()
         r = ns.segment(val[0].image, model, samples=N, steps=T, seed=0, precision=precision)
-        timings.append({"samples": N, "steps": T, "seconds": time.perf_counter() - t0, "image": val[0].name,
-                        "shape": list(val[0].image.shape), "tiles": r.info["tiles"], "overlap": r.info["overlap"],
-                        "precision": precision})
-        print(f"segment() samples {N} steps {T}: {timings[-1]['seconds']:.1f} s on {val[0].name} "
-              f"({r.info['tiles']} tiles, overlap {r.info['overlap']})", flush=True)
+        timings.append(
+            {
+                "samples": N,
+                "steps": T,
+                "seconds": time.perf_counter() - t0,
+                "image": val[0].name,
+                "shape": list(val[0].image.shape),
+                "tiles": r.info["tiles"],
+                "overlap": r.info["overlap"],
+                "precision": precision,
+            }
+        )
+        print(
+            f"segment() samples {N} steps {T}: {timings[-1]['seconds']:.1f} s on {val[0].name} "
+            f"({r.info['tiles']} tiles, overlap {r.info['overlap']})",
+            flush=True,
+        )
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model.name, "sha256": model.sha256, "precision": precision,
-                               "images": [s.name for s in val],
-                               "grid": rows, "timings": timings, "torch_threads": torch.get_num_threads()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": model.name,
+                "sha256": model.sha256,
+                "precision": precision,
+                "images": [s.name for s in val],
+                "grid": rows,
+                "timings": timings,
+                "torch_threads": torch.get_num_threads(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -4,6 +4,7 @@ Run under a display (headless: ``xvfb-run -a .venv/bin/python scripts/make_scree
 QT_QPA_PLATFORM unset). Uses the shipped 'nuclei-he' model when installed, otherwise the untrained 'tiny'
 network with a warning (its outputs are meaningless: regenerate once the real model ships).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in list_models():
         widget.model.value = args.model
     else:
-        print(f"WARNING: shipped model {args.model!r} is not installed (installed: {sorted(list_models()) or 'none'}); "
-              "using the UNTRAINED 'tiny' network: the screenshot shows the interface, not real results. "
-              "Regenerate it once the model ships.", file=sys.stderr)
+        print(
+            f"WARNING: shipped model {args.model!r} is not installed (installed: {sorted(list_models()) or 'none'}); "
+            "using the UNTRAINED 'tiny' network: the screenshot shows the interface, not real results. "
+            "Regenerate it once the model ships.",
+            file=sys.stderr,
+        )
         widget.set_model(SegDiffModel.from_config("tiny"))
         widget.samples.value, widget.steps.value, widget.tile.value = 2, 2, 64
     for name in ("samples", "steps", "tile"):

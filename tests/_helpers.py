@@ -1,4 +1,5 @@
 """Shared helpers for the core-library tests (tiny models, stand-in samplers, synthetic data)."""
+
 from __future__ import annotations
 
 import numpy as np

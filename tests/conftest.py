@@ -1,4 +1,5 @@
 """Shared test fixtures. Keep this small: fixtures used by one test file belong in that file."""
+
 import pytest
 
 

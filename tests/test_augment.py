@@ -1,12 +1,19 @@
 """Paired augmentations keep image and mask aligned."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from napari_segdiff._errors import SegDiffError
-from napari_segdiff.training.augment import (AUGMENT_PRESETS, AugmentConfig, augment_pair, colour_jitter,
-                                             get_augment, random_affine_crop)
+from napari_segdiff.training.augment import (
+    AUGMENT_PRESETS,
+    AugmentConfig,
+    augment_pair,
+    colour_jitter,
+    get_augment,
+    random_affine_crop,
+)
 
 
 def _blob_image(H=96, W=120, seed=0):
@@ -61,9 +68,13 @@ def test_identity_crop_is_a_translated_window():
         out_img, out_mask = random_affine_crop(img, mask, 32, get_augment("none"), np.random.default_rng(seed))
         # no rotation, scale 1, no flips: the mask is an exact window of the input and the image the
         # same window up to sub-pixel (bilinear) interpolation
-        found = [(y, x) for y in range(img.shape[0] - 31) for x in range(img.shape[1] - 31)
-                 if np.array_equal(mask[y:y + 32, x:x + 32], out_mask)
-                 and np.abs(img[y:y + 32, x:x + 32].astype(float) - out_img).max() <= 24]
+        found = [
+            (y, x)
+            for y in range(img.shape[0] - 31)
+            for x in range(img.shape[1] - 31)
+            if np.array_equal(mask[y : y + 32, x : x + 32], out_mask)
+            and np.abs(img[y : y + 32, x : x + 32].astype(float) - out_img).max() <= 24
+        ]
         assert found, seed
 
 
@@ -92,7 +103,7 @@ def test_augment_pair_with_colour_jitter_keeps_alignment():
     img = np.repeat(grey[..., None], 3, axis=-1)
     for seed in range(20):
         out_img, out_mask = augment_pair(img, mask, 40, get_augment("vaihingen"), np.random.default_rng(seed))
-        assert out_img.shape == (40, 40, 3) and 0 <= out_img.min() and out_img.max() <= 255
+        assert out_img.shape == (40, 40, 3) and out_img.min() >= 0 and out_img.max() <= 255
         if out_mask.all() or not out_mask.any():
             continue
         g = out_img.mean(-1)
@@ -108,8 +119,9 @@ def test_colour_jitter_is_seeded_and_bounded():
     c = colour_jitter(img, aug, np.random.default_rng(4))
     assert np.array_equal(a, b) and not np.allclose(a, c)
     assert a.min() >= 0 and a.max() <= 255
-    np.testing.assert_array_equal(colour_jitter(img, get_augment("none"), np.random.default_rng(0)),
-                                  np.clip(img / 255.0, 0, 1) * 255.0)
+    np.testing.assert_array_equal(
+        colour_jitter(img, get_augment("none"), np.random.default_rng(0)), np.clip(img / 255.0, 0, 1) * 255.0
+    )
 
 
 def test_presets_and_unknown_name():

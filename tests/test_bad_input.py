@@ -3,6 +3,7 @@
 Each case either works (with the stated result) or raises the project's own SegDiffError (or its
 subclass ModelFileError) whose message names the problem and the fix.
 """
+
 from __future__ import annotations
 
 import errno
@@ -97,8 +98,9 @@ def test_non_contiguous_and_read_only(model):
 def test_dask_ragged_chunks_equal_numpy(model):
     img = rng.random((77, 91, 3)).astype(np.float32)
     lazy = da.from_array(img, chunks=((10, 50, 17), (33, 58), (3,)))
-    np.testing.assert_allclose(ns.segment(lazy, model, **FAST).probability,
-                               ns.segment(img, model, **FAST).probability, atol=1e-6)
+    np.testing.assert_allclose(
+        ns.segment(lazy, model, **FAST).probability, ns.segment(img, model, **FAST).probability, atol=1e-6
+    )
 
 
 def test_zarr_read_only(model, tmp_path):
@@ -134,17 +136,23 @@ def test_images_refused(model, name):
 
 
 # ------------------------------------------------------------------ parameters
-@pytest.mark.parametrize("kw, words", [
-    ({"samples": 0}, "samples must be"),
-    ({"steps": 0}, "steps must be"),
-    ({"steps": 21}, "between 1 and 20"),  # tiny was trained for T=20: "a model trained for a different number of steps"
-    ({"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
-    ({"overlap": -0.1}, r"overlap must be in \[0, 1\)"),
-    ({"tile": 33}, "multiple of 2"),
-    ({"threshold": 1.5}, r"threshold must be in \[0, 1\]"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"device": "tpu"}, "device"),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"samples": 0}, "samples must be"),
+        ({"steps": 0}, "steps must be"),
+        (
+            {"steps": 21},
+            "between 1 and 20",
+        ),  # tiny was trained for T=20: "a model trained for a different number of steps"
+        ({"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
+        ({"overlap": -0.1}, r"overlap must be in \[0, 1\)"),
+        ({"tile": 33}, "multiple of 2"),
+        ({"threshold": 1.5}, r"threshold must be in \[0, 1\]"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
 def test_parameters_refused_with_range(model, kw, words):
     args = {**FAST, **kw}
     with pytest.raises(SegDiffError, match=words):
@@ -258,11 +266,14 @@ def test_cli_refuses_existing_output(model_file, tmp_path, capsys):
     assert out.read_bytes() == b"precious"
 
 
-@pytest.mark.parametrize("name, content, words", [
-    ("img.xyz", b"whatever", "unknown image format"),
-    ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "cannot read"),
-    ("missing.png", None, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("img.xyz", b"whatever", "unknown image format"),
+        ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "cannot read"),
+        ("missing.png", None, "does not exist"),
+    ],
+)
 def test_cli_unreadable_or_unknown_input(model_file, tmp_path, capsys, name, content, words):
     inp = tmp_path / name
     if content is not None:
@@ -284,11 +295,31 @@ def test_cli_paths_with_spaces_and_non_ascii(model_file, tmp_path):
     d.mkdir()
     inp, out = d / "noyaux é.png", d / "résultat 1.tif"
     _write_png(inp, (rng.random((40, 40, 3)) * 255).astype(np.uint8))
-    assert cli_main(["segment", str(inp), "-o", str(out), "--model", str(model_file), "--samples", "2",
-                     "--steps", "2", "--tile", "32", "-q"]) == 0
+    assert (
+        cli_main(
+            [
+                "segment",
+                str(inp),
+                "-o",
+                str(out),
+                "--model",
+                str(model_file),
+                "--samples",
+                "2",
+                "--steps",
+                "2",
+                "--tile",
+                "32",
+                "-q",
+            ]
+        )
+        == 0
+    )
     from napari_segdiff.io import read_result
 
-    assert {k: v.shape for k, v in read_result(out).items()} == {k: (40, 40) for k in ("probability", "variance", "mask")}
+    assert {k: v.shape for k, v in read_result(out).items()} == dict.fromkeys(
+        ("probability", "variance", "mask"), (40, 40)
+    )
 
 
 def test_full_disk_keeps_previous_output(model, tmp_path, monkeypatch):
@@ -341,8 +372,25 @@ def test_ctrl_c_during_cli_segment_leaves_no_output(model_file, tmp_path, monkey
         return real(self, *a, **k)
 
     monkeypatch.setattr(engine_mod.TileSampler, "__call__", interrupted)
-    code = cli_main(["segment", str(inp), "-o", str(out), "--model", str(model_file), "--tile", "32",
-                     "--batch-size", "1", "--samples", "1", "--steps", "1", "-q"])
+    code = cli_main(
+        [
+            "segment",
+            str(inp),
+            "-o",
+            str(out),
+            "--model",
+            str(model_file),
+            "--tile",
+            "32",
+            "--batch-size",
+            "1",
+            "--samples",
+            "1",
+            "--steps",
+            "1",
+            "-q",
+        ]
+    )
     assert code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]  # no final output, no temp store
 
@@ -353,8 +401,18 @@ def test_ctrl_c_during_training_saves_checkpoint_and_resumes(tmp_path):
 
     img = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
     samples = [Sample(f"s{i}", img, img[..., 0] > 128) for i in range(3)]
-    cfg = TrainConfig(preset="tiny", crop=32, batch_size=2, val="s2", max_steps=50, val_every=1000, val_tile=32,
-                      ckpt_every=1000, out=str(tmp_path / "run"), threads=1)
+    cfg = TrainConfig(
+        preset="tiny",
+        crop=32,
+        batch_size=2,
+        val="s2",
+        max_steps=50,
+        val_every=1000,
+        val_tile=32,
+        ckpt_every=1000,
+        out=str(tmp_path / "run"),
+        threads=1,
+    )
     tr = Trainer(cfg, samples)
 
     def ctrl_c_at_step_3(t):
@@ -372,14 +430,22 @@ def test_ctrl_c_during_training_saves_checkpoint_and_resumes(tmp_path):
 # ------------------------------------------------------------------ property test
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    h=st.integers(0, 70), w=st.integers(0, 70),
+    h=st.integers(0, 70),
+    w=st.integers(0, 70),
     layout=st.sampled_from(["hw", "hw1", "hw2", "hw3", "hw4", "chw3", "hw7"]),
     dtype=st.sampled_from(["uint8", "uint16", "int32", "float32", "float64", "bool"]),
     special=st.sampled_from([None, "nan", "inf", "const"]),
 )
 def test_property_random_shapes_and_dtypes(model, h, w, layout, dtype, special):
-    shape = {"hw": (h, w), "hw1": (h, w, 1), "hw2": (h, w, 2), "hw3": (h, w, 3), "hw4": (h, w, 4),
-             "chw3": (3, h, w), "hw7": (h, w, 7)}[layout]
+    shape = {
+        "hw": (h, w),
+        "hw1": (h, w, 1),
+        "hw2": (h, w, 2),
+        "hw3": (h, w, 3),
+        "hw4": (h, w, 4),
+        "chw3": (3, h, w),
+        "hw7": (h, w, 7),
+    }[layout]
     r = np.random.default_rng(h * 100 + w)
     img = (r.random(shape) * 1000).astype(dtype) if dtype != "bool" else r.random(shape) > 0.5
     if special and dtype.startswith("float") and img.size:
@@ -401,14 +467,31 @@ def test_cli_processes_a_stack_slice_by_slice(model_file, tmp_path):
     stack[1] = 0  # slices differ, so a result copied from one slice to all would show
     inp, out = tmp_path / "stack.tif", tmp_path / "stack_result.zarr"
     tifffile.imwrite(inp, stack)
-    assert cli_main(["segment", str(inp), "-o", str(out), "--model", str(model_file), "--samples", "2",
-                     "--steps", "2", "--tile", "32", "-q"]) == 0
+    assert (
+        cli_main(
+            [
+                "segment",
+                str(inp),
+                "-o",
+                str(out),
+                "--model",
+                str(model_file),
+                "--samples",
+                "2",
+                "--steps",
+                "2",
+                "--tile",
+                "32",
+                "-q",
+            ]
+        )
+        == 0
+    )
     import zarr
 
     g = zarr.open_group(str(out), mode="r")
     prob = np.asarray(g["probability"])
     assert prob.shape == (5, 40, 50)
-    one = ns.segment(stack[2], ns.load_model(model_file),
-                     samples=2, steps=2, tile=32, seed=0)
+    one = ns.segment(stack[2], ns.load_model(model_file), samples=2, steps=2, tile=32, seed=0)
     np.testing.assert_allclose(prob[2], one.probability, atol=1e-5)
     assert np.abs(prob[1] - prob[2]).max() > 1e-4

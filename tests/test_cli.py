@@ -1,17 +1,17 @@
 """`napari-segdiff segment` in-process: outputs, and never writing over the input."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
+from _helpers import tiny_model
 
 from napari_segdiff import segment
 from napari_segdiff.cli import main
 from napari_segdiff.io import read_result
 from napari_segdiff.models import save_model
-
-from _helpers import tiny_model
 
 FAST = ["--samples", "2", "--steps", "2", "--tile", "32", "--device", "cpu", "-q"]
 
@@ -23,8 +23,9 @@ def files(tmp_path_factory):
     save_model(tiny_model(seed=0, perturb=0.05), model_path, half=False, meta={"name": "tiny-cli"})
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:45, :70]
-    img = np.clip(128 + 90 * np.sin(yy / 6.0)[..., None] * np.cos(xx / 8.0)[..., None]
-                  + rng.normal(0, 8, (45, 70, 3)), 0, 255).astype(np.uint8)
+    img = np.clip(
+        128 + 90 * np.sin(yy / 6.0)[..., None] * np.cos(xx / 8.0)[..., None] + rng.normal(0, 8, (45, 70, 3)), 0, 255
+    ).astype(np.uint8)
     tif = d / "in.tif"
     tifffile.imwrite(tif, img)
     return d, model_path, tif, img
@@ -48,7 +49,7 @@ def test_segment_to_tif(files, tmp_path, capsys):
     stack = _stack(out)
     assert stack.shape == (3, 45, 70) and stack.dtype == np.float32
     prob, var, mask = stack
-    assert 0 <= prob.min() and prob.max() <= 1 and 0 <= var.min() and var.max() <= 0.25
+    assert prob.min() >= 0 and prob.max() <= 1 and var.min() >= 0 and var.max() <= 0.25
     assert set(np.unique(mask)) <= {0.0, 1.0}
     np.testing.assert_array_equal(mask.astype(bool), prob > 0.5)
     # the CLI is segment() with the same settings (seed 0 by default)
@@ -130,8 +131,24 @@ def test_bad_arguments_give_an_error_not_a_traceback(files, tmp_path, capsys):
     assert _run("segment", tmp_path / "missing.tif", "-o", tmp_path / "o.tif", "--model", model_path) == 2
     assert "does not exist" in capsys.readouterr().err
     assert _run("segment", tif, "-o", tmp_path / "o.tif", "--model", tmp_path / "nomodel.pt", *FAST) == 2
-    assert _run("segment", tif, "-o", tmp_path / "o.tif", "--model", model_path, "--steps", "500", "--tile", "32",
-                "--device", "cpu", "-q") == 2
+    assert (
+        _run(
+            "segment",
+            tif,
+            "-o",
+            tmp_path / "o.tif",
+            "--model",
+            model_path,
+            "--steps",
+            "500",
+            "--tile",
+            "32",
+            "--device",
+            "cpu",
+            "-q",
+        )
+        == 2
+    )
     assert _run("segment", tif, "-o", tmp_path / "o.png", "--model", model_path, *FAST) == 2
     assert not (tmp_path / "o.tif").exists() and not (tmp_path / "o.png").exists()
 

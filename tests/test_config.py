@@ -1,4 +1,5 @@
 """Typed, validated configuration."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,7 @@ import warnings
 import pytest
 
 from napari_segdiff._errors import SegDiffError
-from napari_segdiff.config import (PRESETS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig,
-                                   get_preset)
+from napari_segdiff.config import PRESETS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig, get_preset
 
 
 def test_presets_are_valid_and_round_trip_through_dicts():
@@ -33,12 +33,26 @@ def test_downsample_factor_and_attention_levels():
     assert cfg.attention_levels == (2, 3)  # 64 -> 32 -> 16 -> 8
 
 
-@pytest.mark.parametrize("kw", [
-    dict(in_channels=0), dict(base_channels=12), dict(base_channels=0), dict(channel_mult=()),
-    dict(num_res_blocks=0), dict(rrdb_blocks=-1), dict(diffusion_steps=1), dict(time_embedding="fourier"),
-    dict(beta_schedule="cosine"), dict(parameterization="v"), dict(image_size=100),
-    dict(input_scale=0.0), dict(input_scale=5.0), dict(dropout=1.0), dict(dropout=-0.1),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(in_channels=0),
+        dict(base_channels=12),
+        dict(base_channels=0),
+        dict(channel_mult=()),
+        dict(num_res_blocks=0),
+        dict(rrdb_blocks=-1),
+        dict(diffusion_steps=1),
+        dict(time_embedding="fourier"),
+        dict(beta_schedule="cosine"),
+        dict(parameterization="v"),
+        dict(image_size=100),
+        dict(input_scale=0.0),
+        dict(input_scale=5.0),
+        dict(dropout=1.0),
+        dict(dropout=-0.1),
+    ],
+)
 def test_bad_network_values_are_refused(kw):
     with pytest.raises(SegDiffError):
         NetworkConfig(**kw)
@@ -64,10 +78,20 @@ def test_get_preset_overrides_and_unknown_name():
         get_preset("huge")
 
 
-@pytest.mark.parametrize("kw", [
-    dict(samples=0), dict(samples=2.5), dict(steps=0), dict(steps=1.5), dict(sampler="euler"),
-    dict(eta=-0.1), dict(eta=1.5), dict(threshold=1.5), dict(threshold=-0.01),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(samples=0),
+        dict(samples=2.5),
+        dict(steps=0),
+        dict(steps=1.5),
+        dict(sampler="euler"),
+        dict(eta=-0.1),
+        dict(eta=1.5),
+        dict(threshold=1.5),
+        dict(threshold=-0.01),
+    ],
+)
 def test_bad_sampling_values_are_refused(kw):
     with pytest.raises(SegDiffError):
         SamplingConfig(**kw)
@@ -79,8 +103,9 @@ def test_sampling_defaults():
     assert SamplingConfig(steps=None).steps is None
 
 
-@pytest.mark.parametrize("kw", [dict(tile=4), dict(tile=64.0), dict(overlap=1.0), dict(overlap=-0.1),
-                                dict(batch_size=0)])
+@pytest.mark.parametrize(
+    "kw", [dict(tile=4), dict(tile=64.0), dict(overlap=1.0), dict(overlap=-0.1), dict(batch_size=0)]
+)
 def test_bad_tiling_values_are_refused(kw):
     with pytest.raises(SegDiffError):
         TilingConfig(**kw)

@@ -1,4 +1,5 @@
 """Training data layouts: folder, MoNuSeg (tif + XML polygons), Vaihingen; validation splits."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,15 @@ import tifffile
 from skimage.io import imsave
 
 from napari_segdiff._errors import SegDiffError
-from napari_segdiff.training.datasets import (Sample, load_dataset, load_folder, load_monuseg, load_vaihingen,
-                                              rasterise_monuseg_xml, split_samples)
+from napari_segdiff.training.datasets import (
+    Sample,
+    load_dataset,
+    load_folder,
+    load_monuseg,
+    load_vaihingen,
+    rasterise_monuseg_xml,
+    split_samples,
+)
 
 
 def _xml(polygons) -> str:
@@ -16,10 +24,13 @@ def _xml(polygons) -> str:
     for i, pts in enumerate(polygons, 1):
         verts = "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in pts)
         regions.append(f'<Region Id="{i}" Type="0"><Attributes/><Vertices>{verts}</Vertices></Region>')
-    return ('<?xml version="1.0" encoding="UTF-8"?><Annotations MicronsPerPixel="0.25">'
-            '<Annotation Id="1"><Attributes><Attribute Name="Nucleus" Id="0" Value=""/></Attributes>'
-            '<Regions><RegionAttributeHeaders><AttributeHeader Id="9999" Name="Region"/></RegionAttributeHeaders>'
-            + "".join(regions) + '</Regions><Plots/></Annotation></Annotations>')
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><Annotations MicronsPerPixel="0.25">'
+        '<Annotation Id="1"><Attributes><Attribute Name="Nucleus" Id="0" Value=""/></Attributes>'
+        '<Regions><RegionAttributeHeaders><AttributeHeader Id="9999" Name="Region"/></RegionAttributeHeaders>'
+        + "".join(regions)
+        + "</Regions><Plots/></Annotation></Annotations>"
+    )
 
 
 RECT = [(2, 3), (10, 3), (10, 8), (2, 8)]  # X (column) 2..10, Y (row) 3..8
@@ -62,8 +73,9 @@ def test_load_monuseg_pairs_images_with_annotations(tmp_path):
     samples = load_monuseg(tmp_path, size=None)
     assert [s.name for s in samples] == ["TCGA-1"]
     np.testing.assert_array_equal(samples[0].image, img)
-    np.testing.assert_array_equal(samples[0].mask, rasterise_monuseg_xml(tmp_path / "Annotations" / "TCGA-1.xml",
-                                                                         (20, 24)))
+    np.testing.assert_array_equal(
+        samples[0].mask, rasterise_monuseg_xml(tmp_path / "Annotations" / "TCGA-1.xml", (20, 24))
+    )
     resized = load_monuseg(tmp_path, size=40)[0]
     assert resized.image.shape == (40, 40, 3) and resized.mask.shape == (40, 40) and resized.mask.any()
     with pytest.raises(SegDiffError, match="MoNuSeg"):
@@ -75,7 +87,7 @@ def _write_vaihingen(root, numbers, ext=".tif"):
     rng = np.random.default_rng(1)
     for n in numbers:
         img = rng.integers(0, 255, (12, 10, 3)).astype(np.uint8)
-        mask = (rng.random((12, 10)) > 0.5)
+        mask = rng.random((12, 10)) > 0.5
         tifffile.imwrite(root / f"building_{n:03d}{ext}", img)
         tifffile.imwrite(root / f"building_mask_{n:03d}{ext}", mask.astype(np.uint8) * 255)
         out[f"building_{n:03d}"] = (img, mask)

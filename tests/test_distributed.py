@@ -1,4 +1,5 @@
 """Tiles spread over a dask.distributed LocalCluster give the single-process result for the same seed."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,8 +25,10 @@ def test_local_cluster_matches_single_process():
     img[:60, :60] = 0.0  # nodata: its 4 tiles are skipped on both roads
     kw = dict(samples=2, steps=3, tile=32, overlap=0.25, seed=3)
     single = ns.segment(img, m, **kw)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         spread = ns.segment(img, m, client=client, **kw)
         # both workers really got work
         assert len(client.scheduler_info()["workers"]) == 2

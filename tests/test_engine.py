@@ -1,4 +1,5 @@
 """The segmentation engine: tiles, batching, seeds, stitching, streaming (the issue's requirements)."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -8,14 +9,13 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
+from _helpers import sigmoid, tiny_model
 from torch import nn
 
 from napari_segdiff import engine
 from napari_segdiff._errors import SegDiffError
 from napari_segdiff.engine import Progress, SegmentationResult, iter_segment, segment, tile_seed
 from napari_segdiff.tiling import window_grid
-
-from _helpers import sigmoid, tiny_model
 
 KW = dict(device="cpu", tile=32, overlap=0.25)
 
@@ -92,8 +92,8 @@ def test_result_ranges_and_mask(model, image):
     for a in (r.probability, r.variance, r.mask):
         assert a.shape == image.shape[:2]
     assert r.probability.dtype == np.float32 and r.mask.dtype == bool
-    assert 0.0 <= r.probability.min() and r.probability.max() <= 1.0
-    assert 0.0 <= r.variance.min() and r.variance.max() <= 0.25
+    assert r.probability.min() >= 0.0 and r.probability.max() <= 1.0
+    assert r.variance.min() >= 0.0 and r.variance.max() <= 0.25
     assert np.array_equal(r.mask, r.probability > 0.45)
     # the variance of N values in [0, 1] around their mean p is at most p (1 - p)
     assert (r.variance <= r.probability * (1 - r.probability) + 1e-5).all()
@@ -137,13 +137,15 @@ def test_input_scale_runs_the_network_on_resized_tiles(image):
     r = segment(image, m, samples=2, steps=2, seed=0, **KW)
     assert set(sizes) == {(16, 16)}
     assert r.probability.shape == image.shape[:2]
-    assert 0 <= r.variance.min() and r.variance.max() <= 0.25
+    assert r.variance.min() >= 0 and r.variance.max() <= 0.25
     with pytest.raises(SegDiffError, match="17 px"):  # 34 px tiles would reach the network as 17 px
         segment(image, m, tile=34, device="cpu")
 
 
-@pytest.mark.parametrize("scale,tile,ok", [(0.75, 40, True), (0.75, 36, False), (0.75, 33, False),
-                                           (1.5, 36, True), (1.5, 34, False), (0.5, 36, True)])
+@pytest.mark.parametrize(
+    "scale,tile,ok",
+    [(0.75, 40, True), (0.75, 36, False), (0.75, 33, False), (1.5, 36, True), (1.5, 34, False), (0.5, 36, True)],
+)
 def test_tile_size_is_checked_at_the_networks_scale(image, scale, tile, ok):
     """Refused with a clear error exactly when the resized tile would not fit the U-Net."""
     m = tiny_model(seed=0, perturb=0.05, input_scale=scale)
@@ -157,17 +159,32 @@ def test_tile_size_is_checked_at_the_networks_scale(image, scale, tile, ok):
         assert segment(image, m, samples=1, steps=1, tile=good, device="cpu").probability.shape == image.shape[:2]
 
 
-@pytest.mark.parametrize("bad", [
-    dict(steps=21), dict(tile=33), dict(samples=0), dict(overlap=1.0), dict(sampler="euler"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(steps=21),
+        dict(tile=33),
+        dict(samples=0),
+        dict(overlap=1.0),
+        dict(sampler="euler"),
+    ],
+)
 def test_bad_settings_are_refused(model, image, bad):
     kw = {**KW, **bad}
     with pytest.raises(SegDiffError):
         segment(image, model, **kw)
 
 
-@pytest.mark.parametrize("img", [np.zeros((2, 3, 8, 8)), np.zeros((8, 8, 7)), np.zeros((0, 5)),
-                                 np.full((8, 8), np.nan, np.float32), np.zeros((8, 8), complex)])
+@pytest.mark.parametrize(
+    "img",
+    [
+        np.zeros((2, 3, 8, 8)),
+        np.zeros((8, 8, 7)),
+        np.zeros((0, 5)),
+        np.full((8, 8), np.nan, np.float32),
+        np.zeros((8, 8), complex),
+    ],
+)
 def test_bad_images_are_refused(model, img):
     with pytest.raises(SegDiffError):
         segment(img, model, samples=1, steps=1, **KW)
@@ -193,7 +210,7 @@ def _var_fn(m):
 class _StandIn:
     """Replaces TileSampler: per-pixel mean m(x) and second moment m^2 + v(x) of the tile it is given."""
 
-    instances: list["_StandIn"] = []
+    instances: list[_StandIn] = []
 
     def __init__(self, *args, **kwargs):
         self.network_evaluations = 0
@@ -226,7 +243,7 @@ def test_stitching_is_seamless(stand_in, model, shape, tile, overlap):
     whole = _mean_fn(np.moveaxis(img * 2.0 - 1.0, -1, 0))  # the stand-in applied to the whole image
     np.testing.assert_allclose(r.probability, whole, atol=2e-5)
     np.testing.assert_allclose(r.variance, _var_fn(whole), atol=2e-5)
-    assert 0 <= r.variance.min() and r.variance.max() <= 0.25
+    assert r.variance.min() >= 0 and r.variance.max() <= 0.25
     n_windows = len(window_grid(shape, tile, max(1, int(round(tile * (1 - overlap))))))
     assert sum(s[0] for s in stand_in.instances[0].batch_shapes) == n_windows
     assert all(s[1:] == (3, tile, tile) for s in stand_in.instances[0].batch_shapes)
@@ -285,8 +302,7 @@ def test_4096_dask_input_is_never_materialised(stand_in, model):
     tracemalloc.start()
     try:
         with dask.config.set(scheduler="synchronous"):  # one thread: no scheduler overhead per read
-            r = segment(arr, model, samples=1, steps=1, tile=64, overlap=0.0, batch_size=64, device="cpu",
-                        out=sink)
+            r = segment(arr, model, samples=1, steps=1, tile=64, overlap=0.0, batch_size=64, device="cpu", out=sink)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -305,7 +321,7 @@ def test_dask_input_with_the_real_model_reads_chunks_only(model):
     arr = _recording_dask(256, (64, 64), record)
     r = segment(arr, model, samples=1, steps=1, tile=32, overlap=0.0, batch_size=64, device="cpu")
     assert max(record) <= 64 * 64 * 3
-    assert r.probability.shape == (256, 256) and 0 <= r.probability.min() and r.probability.max() <= 1
+    assert r.probability.shape == (256, 256) and r.probability.min() >= 0 and r.probability.max() <= 1
     np_r = segment(np.asarray(arr), model, samples=1, steps=1, tile=32, overlap=0.0, batch_size=64, device="cpu")
     np.testing.assert_array_equal(r.probability, np_r.probability)
 

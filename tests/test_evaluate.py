@@ -1,18 +1,18 @@
 """`napari-segdiff-train eval`: the scores are those of the images segmented as users get them."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from _helpers import disc_image, tiny_model
 from skimage.io import imread, imsave
 
 from napari_segdiff import segment
 from napari_segdiff.models import load_model, save_model
 from napari_segdiff.training.cli import main
 from napari_segdiff.training.metrics import all_metrics
-
-from _helpers import disc_image, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,25 @@ def folder_and_model(tmp_path_factory):
 def test_eval_cli_scores_each_named_image_as_segment_does(folder_and_model, capsys):
     root, path = folder_and_model
     out = root / "report.json"
-    rc = main(["eval", "--model", str(path), "--data", str(root / "data"), "--names", "img0,img2",
-               "--samples", "2", "--steps", "2", "--precision", "fp32", "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(path),
+            "--data",
+            str(root / "data"),
+            "--names",
+            "img0,img2",
+            "--samples",
+            "2",
+            "--steps",
+            "2",
+            "--precision",
+            "fp32",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert [r["image"] for r in report["images"]] == ["img0", "img2"]  # only the named ones

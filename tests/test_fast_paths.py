@@ -1,5 +1,6 @@
 """The engine's fast paths (G(I) once per tile, samples batched, inference_mode, bf16 autocast) against the
 straightforward Algorithm 1 (G(I) in every call, one sample after another)."""
+
 import numpy as np
 import pytest
 import torch

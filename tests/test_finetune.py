@@ -1,11 +1,11 @@
 """napari-segdiff-train finetune with a tiny model: budgets, validation share, best-state keeping, the model
 file's provenance, the user model directory, and the refusals that keep data safe."""
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import disc_image, tiny_model
 from PIL import Image
 
 import napari_segdiff as ns
@@ -13,8 +13,6 @@ from napari_segdiff import SegDiffError
 from napari_segdiff.models import list_models, load_model, save_model, sha256_of, user_models_dir
 from napari_segdiff.training.cli import main
 from napari_segdiff.training.finetune import finetune
-
-from _helpers import disc_image, tiny_model
 
 
 @pytest.fixture
@@ -28,8 +26,12 @@ def user_dir(tmp_path, monkeypatch):
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("ft")
     path = d / "base.pt"
-    save_model(tiny_model(seed=0, perturb=0.3), path, half=False,
-               meta={"name": "tiny-base", "pixel_size": 0.15, "pixel_unit": "m", "sampling": {"samples": 2, "steps": 2}})
+    save_model(
+        tiny_model(seed=0, perturb=0.3),
+        path,
+        half=False,
+        meta={"name": "tiny-base", "pixel_size": 0.15, "pixel_unit": "m", "sampling": {"samples": 2, "steps": 2}},
+    )
     return path
 
 
@@ -90,8 +92,25 @@ def test_cancel_keeps_the_best_so_far(base, tmp_path, user_dir):
 def test_cli_synopsis_and_refusals(base, tmp_path, user_dir, capsys):
     data = _folder(tmp_path / "data", n=2)
     out = tmp_path / "cli.pt"
-    assert main(["finetune", "--model", str(base), "--data", str(data), "--steps", "2", "-o", str(out),
-                 "--name", "cli-model", "-q"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(base),
+                "--data",
+                str(data),
+                "--steps",
+                "2",
+                "-o",
+                str(out),
+                "--name",
+                "cli-model",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "registered user model 'cli-model'" in capsys.readouterr().out
     before = out.read_bytes()
     reg_before = (user_dir / "models.json").read_text()

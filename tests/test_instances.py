@@ -1,5 +1,6 @@
 """Object metrics (AJI, PQ, F1 at IoU 0.5, count error) against hand-computed cases, and the instance
 split methods on shapes whose answer is known."""
+
 from __future__ import annotations
 
 import numpy as np

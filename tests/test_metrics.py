@@ -1,4 +1,5 @@
 """Segmentation metrics against small hand-computed cases."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,18 +36,8 @@ def test_empty_masks():
 
 
 def test_wcov_weights_each_region_by_size():
-    gt = _m(["##......",
-             "##......",
-             "........",
-             "........",
-             ".....##.",
-             "........"])
-    pred = _m(["###.....",
-               "###.....",
-               "........",
-               "........",
-               "........",
-               "........"])
+    gt = _m(["##......", "##......", "........", "........", ".....##.", "........"])
+    pred = _m(["###.....", "###.....", "........", "........", "........", "........"])
     # region A (4 px) is covered with IoU 4/6, region B (2 px) not at all
     assert wcov(pred, gt) == pytest.approx(4 / 6 * 4 / 6 + 2 / 6 * 0.0)
 
@@ -94,7 +85,7 @@ def test_boundary_f_against_brute_force(shift):
     gt[5:15, 5:15] = True
     gt[20:28, 2:6] = True
     pred = np.zeros_like(gt)
-    pred[5 + shift // 2:15 + shift // 2, 5 + shift:15 + shift] = True
+    pred[5 + shift // 2 : 15 + shift // 2, 5 + shift : 15 + shift] = True
     pred[0:3, 27:30] = True  # touches the image border
     assert boundary_f(pred, gt) == pytest.approx(_brute_boundary_f(pred, gt), abs=1e-12)
 

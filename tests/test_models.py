@@ -1,4 +1,5 @@
 """Model files: atomic save, safe load (weights_only), checksums and clear errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,14 +8,20 @@ import pickle
 
 import pytest
 import torch
+from _helpers import tiny_model
 
 from napari_segdiff import models
 from napari_segdiff._errors import ModelFileError, SegDiffError
 from napari_segdiff.config import get_preset
-from napari_segdiff.models import (FORMAT, SegDiffModel, atomic_write_bytes, load_model, load_model_file,
-                                   save_model, sha256_of)
-
-from _helpers import tiny_model
+from napari_segdiff.models import (
+    FORMAT,
+    SegDiffModel,
+    atomic_write_bytes,
+    load_model,
+    load_model_file,
+    save_model,
+    sha256_of,
+)
 
 
 def _probe(model: SegDiffModel) -> torch.Tensor:
@@ -39,7 +46,7 @@ def test_fp32_round_trip_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert torch.equal(_probe(m), _probe(loaded))
     assert not loaded.net.training
-    assert loaded.diffusion.T == m.config.diffusion_steps
+    assert m.config.diffusion_steps == loaded.diffusion.T
 
 
 def test_fp16_round_trip(tmp_path):
@@ -77,8 +84,14 @@ def test_registry_entry_is_checksum_verified(tmp_path, monkeypatch):
     path = tmp_path / "reg.pt"
     sha = save_model(tiny_model(), path)
     monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
-    monkeypatch.setattr(models, "_registry", lambda: {"good": {"file": "reg.pt", "sha256": sha, "description": "d"},
-                                                      "bad": {"file": "reg.pt", "sha256": "f" * 64}})
+    monkeypatch.setattr(
+        models,
+        "_registry",
+        lambda: {
+            "good": {"file": "reg.pt", "sha256": sha, "description": "d"},
+            "bad": {"file": "reg.pt", "sha256": "f" * 64},
+        },
+    )
     assert load_model("good").name == "good"
     assert models.list_models()["good"] == "d"
     with pytest.raises(ModelFileError, match="sha256"):
@@ -120,14 +133,30 @@ def test_another_architectures_state_dict_is_a_clear_error(tmp_path):
     other = SegDiffModel.from_config(get_preset("tiny", base_channels=16))
     path = tmp_path / "mixed.pt"
     # a file claiming the tiny architecture but holding another's weights (same keys, other shapes)
-    torch.save({"format": FORMAT, "version": 1, "config": m.config.to_dict(), "state_dict": other.net.state_dict(),
-                "meta": {}}, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": 1,
+            "config": m.config.to_dict(),
+            "state_dict": other.net.state_dict(),
+            "meta": {},
+        },
+        path,
+    )
     with pytest.raises(ModelFileError, match="architecture"):
         load_model(path)
     # and one holding weights of a deeper network (unexpected keys)
     deeper = SegDiffModel.from_config(get_preset("tiny", channel_mult=(1, 2, 2)))
-    torch.save({"format": FORMAT, "version": 1, "config": m.config.to_dict(), "state_dict": deeper.net.state_dict(),
-                "meta": {}}, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": 1,
+            "config": m.config.to_dict(),
+            "state_dict": deeper.net.state_dict(),
+            "meta": {},
+        },
+        path,
+    )
     with pytest.raises(ModelFileError, match="architecture"):
         load_model(path)
 

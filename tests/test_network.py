@@ -1,4 +1,5 @@
 """The SegDiff network eps_theta(x_t, I, t) = D(E(F(x_t) + G(I), t), t) (section 4.3)."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ CPU_PRESETS = [n for n in PRESETS if n not in PAPER_PRESETS]
 
 def _slow_enabled(request) -> bool:
     return bool(os.environ.get("SEGDIFF_SLOW")) or "slow" in (request.config.getoption("markexpr") or "").replace(
-        "not slow", "")
+        "not slow", ""
+    )
 
 
 def _forward(net: SegDiffNet, size: int, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Pixel sizes (model vs image), instance labels through segment() and the CLI, GeoTIFF in and out, GeoJSON."""
+
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from _helpers import disc_image, tiny_model
 
 import napari_segdiff as ns
 from napari_segdiff import SegDiffError
@@ -13,8 +15,6 @@ from napari_segdiff.cli import main
 from napari_segdiff.io import read_image_meta, read_result
 from napari_segdiff.models import save_model
 from napari_segdiff.pixelsize import scale_factor
-
-from _helpers import disc_image, tiny_model
 
 FAST = dict(samples=2, steps=2, device="cpu")
 NATIVE = {"pixel_size": 0.15, "pixel_unit": "m"}
@@ -25,17 +25,32 @@ def aerial(tmp_path_factory):
     """A tiny model that records a native pixel size of 0.15 m, saved as a file, and a GeoTIFF in UTM 37S."""
     d = tmp_path_factory.mktemp("geo")
     path = d / "tiny-aerial.pt"
-    save_model(tiny_model(seed=0, perturb=0.3), path, half=False,
-               meta={"name": "tiny-aerial", "tiling": {"tile": 32, "overlap": 0.0}, **NATIVE})
+    save_model(
+        tiny_model(seed=0, perturb=0.3),
+        path,
+        half=False,
+        meta={"name": "tiny-aerial", "tiling": {"tile": 32, "overlap": 0.0}, **NATIVE},
+    )
     img, mask = disc_image(64, seed=3, n_discs=4)
     keys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32737]
     geo = d / "scene.tif"
-    tifffile.imwrite(geo, img, photometric="rgb", extratags=[
-        (33550, "d", 3, (0.3, 0.3, 0.0)), (33922, "d", 6, (0, 0, 0, 530000.0, 9330000.0, 0)),
-        (34735, "H", len(keys), keys)])
+    tifffile.imwrite(
+        geo,
+        img,
+        photometric="rgb",
+        extratags=[
+            (33550, "d", 3, (0.3, 0.3, 0.0)),
+            (33922, "d", 6, (0, 0, 0, 530000.0, 9330000.0, 0)),
+            (34735, "H", len(keys), keys),
+        ],
+    )
     nocrs = d / "nocrs.tif"
-    tifffile.imwrite(nocrs, img, photometric="rgb", extratags=[
-        (33550, "d", 3, (0.3, 0.3, 0.0)), (33922, "d", 6, (0, 0, 0, 530000.0, 9330000.0, 0))])
+    tifffile.imwrite(
+        nocrs,
+        img,
+        photometric="rgb",
+        extratags=[(33550, "d", 3, (0.3, 0.3, 0.0)), (33922, "d", 6, (0, 0, 0, 530000.0, 9330000.0, 0))],
+    )
     return d, path, geo, nocrs, img
 
 
@@ -84,8 +99,25 @@ def test_geotiff_in_keeps_georeferencing_out(aerial, tmp_path, capsys):
     meta = read_image_meta(geo)
     assert (meta.pixel_size, meta.pixel_unit, meta.source, meta.crs_epsg) == (0.3, "m", "geotiff", 32737)
     out = tmp_path / "out.tif"
-    assert main(["segment", str(geo), "-o", str(out), "--model", str(path), "--samples", "2", "--steps", "2",
-                 "--instances", "-q"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(geo),
+                "-o",
+                str(out),
+                "--model",
+                str(path),
+                "--samples",
+                "2",
+                "--steps",
+                "2",
+                "--instances",
+                "-q",
+            ]
+        )
+        == 0
+    )
     back = read_image_meta(out)
     assert (back.pixel_size, back.crs_epsg, back.transform) == (0.3, 32737, meta.transform)
     res = read_result(out)
@@ -99,16 +131,17 @@ def test_geotiff_in_keeps_georeferencing_out(aerial, tmp_path, capsys):
 def test_geojson_one_polygon_per_label_in_map_coordinates(aerial, tmp_path):
     d, path, geo, nocrs, img = aerial
     out = tmp_path / "b.geojson"
-    assert main(["segment", str(geo), "-o", str(out), "--model", str(path), "--samples", "2", "--steps", "2",
-                 "-q"]) == 0
+    assert (
+        main(["segment", str(geo), "-o", str(out), "--model", str(path), "--samples", "2", "--steps", "2", "-q"]) == 0
+    )
     fc = json.loads(out.read_text())
     labels = ns.segment(img, str(path), pixel_size=0.3, instances=True, **FAST).labels
     assert labels.max() > 0 and len(fc["features"]) == labels.max()
     assert fc["crs"]["properties"]["name"].endswith("32737")
     xs = [x for f in fc["features"] for ring in f["geometry"]["coordinates"] for x, _ in ring]
     ys = [y for f in fc["features"] for ring in f["geometry"]["coordinates"] for _, y in ring]
-    assert 530000 <= min(xs) and max(xs) <= 530000 + 64 * 0.3
-    assert 9330000 - 64 * 0.3 <= min(ys) and max(ys) <= 9330000
+    assert min(xs) >= 530000 and max(xs) <= 530000 + 64 * 0.3
+    assert min(ys) >= 9330000 - 64 * 0.3 and max(ys) <= 9330000
     areas = sorted(f["properties"]["area_px"] for f in fc["features"])
     assert areas == sorted(np.bincount(labels.ravel())[1:].tolist())
 
@@ -129,9 +162,12 @@ def test_geojson_refused_up_front_without_georeferencing(aerial, tmp_path, capsy
 def test_cli_pixel_size_refusals(aerial, tmp_path, capsys):
     d, path, geo, nocrs, img = aerial
     out = tmp_path / "o.tif"
-    for args, msg in ((["--pixel-size", "0"], "pixel_size must be"), (["--pixel-size", "nan"], "pixel_size must be"),
-                      (["--pixel-size", "0.3", "--pixel-unit", "um"], "unit is probably wrong"),
-                      (["--pixel-unit", "m"], "--pixel-unit needs --pixel-size")):
+    for args, msg in (
+        (["--pixel-size", "0"], "pixel_size must be"),
+        (["--pixel-size", "nan"], "pixel_size must be"),
+        (["--pixel-size", "0.3", "--pixel-unit", "um"], "unit is probably wrong"),
+        (["--pixel-unit", "m"], "--pixel-unit needs --pixel-size"),
+    ):
         assert main(["segment", str(geo), "-o", str(out), "--model", str(path), *args]) == 2, args
         assert msg in capsys.readouterr().err
     assert not out.exists()

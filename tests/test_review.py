@@ -1,4 +1,5 @@
 """Ranking places by mean variance (the review list), on maps whose answer is known."""
+
 import numpy as np
 import pytest
 

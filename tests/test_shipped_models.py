@@ -1,5 +1,6 @@
 """The shipped models load by name offline, their hashes verify, and each one segments its shipped
 sample crop (a held-out validation image, never trained on) far better than an untrained network."""
+
 from importlib.resources import files
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from skimage.io import imread
 
 import napari_segdiff as ns
-from napari_segdiff.models import REGISTRY_FILE, SegDiffModel, sha256_of, WEIGHTS_DIR
+from napari_segdiff.models import REGISTRY_FILE, WEIGHTS_DIR, SegDiffModel, sha256_of
 from napari_segdiff.training.metrics import dice, iou
 
 CASES = {

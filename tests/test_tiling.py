@@ -1,12 +1,12 @@
 """Sliding windows, taper weights, padding and the streaming blender (pure numpy)."""
+
 from __future__ import annotations
 
 import dask.array as da
 import numpy as np
 import pytest
 
-from napari_segdiff.tiling import (StreamingBlender, iter_windows, pad_to_tile, taper_weights, window_grid,
-                                   window_starts)
+from napari_segdiff.tiling import StreamingBlender, iter_windows, pad_to_tile, taper_weights, window_grid, window_starts
 
 SIZES = [(1, 1), (1, 300), (5, 7), (64, 64), (65, 63), (255, 257), (257, 3000)]
 
@@ -23,7 +23,7 @@ def test_window_starts_cover_every_pixel(length, tile, stride):
     assert all(b - a <= stride for a, b in zip(starts, starts[1:]))  # no gaps, never more than a stride
     covered = np.zeros(length, bool)
     for s in starts:
-        covered[s:s + tile] = True
+        covered[s : s + tile] = True
     assert covered.all()
 
 
@@ -32,7 +32,7 @@ def test_window_grid_is_raster_ordered_and_clipped():
     assert [w.index for w in wins] == list(range(len(wins)))
     assert [(w.y, w.x) for w in wins] == sorted((w.y, w.x) for w in wins)
     for w in wins:
-        assert 0 <= w.y and w.y + w.h <= 100 and 0 <= w.x and w.x + w.w <= 150
+        assert w.y >= 0 and w.y + w.h <= 100 and w.x >= 0 and w.x + w.w <= 150
         assert w.h == 64 and w.w == 64
     small = window_grid((10, 20), 64, 48)
     assert len(small) == 1 and (small[0].h, small[0].w) == (10, 20)
@@ -41,7 +41,7 @@ def test_window_grid_is_raster_ordered_and_clipped():
 def test_taper_weights():
     w = taper_weights(64, 16)
     assert w.shape == (64, 64) and w.dtype == np.float32
-    assert (w >= 1e-3 ** 2 * 0.999).all() and w.max() == pytest.approx(1.0)
+    assert (w >= 1e-3**2 * 0.999).all() and w.max() == pytest.approx(1.0)
     np.testing.assert_allclose(w, w.T)
     np.testing.assert_allclose(w, w[::-1, ::-1])
     assert (w[16:48, 16:48] == 1).all()  # flat in the middle
@@ -102,9 +102,9 @@ def _reference(shape, tile, stride, per_window):
     for win in window_grid(shape, tile, stride):
         m, s = per_window(win)
         ww = wts[: win.h, : win.w]
-        acc_w[win.y:win.y + win.h, win.x:win.x + win.w] += ww
-        acc_1[win.y:win.y + win.h, win.x:win.x + win.w] += ww * m[: win.h, : win.w]
-        acc_2[win.y:win.y + win.h, win.x:win.x + win.w] += ww * s[: win.h, : win.w]
+        acc_w[win.y : win.y + win.h, win.x : win.x + win.w] += ww
+        acc_1[win.y : win.y + win.h, win.x : win.x + win.w] += ww * m[: win.h, : win.w]
+        acc_2[win.y : win.y + win.h, win.x : win.x + win.w] += ww * s[: win.h, : win.w]
     mean = acc_1 / acc_w
     return mean, acc_2 / acc_w - mean**2
 

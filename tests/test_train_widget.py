@@ -1,12 +1,12 @@
 """The fine-tuning and review widgets in a real napari window (run under ``xvfb-run -a``)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import disc_image, tiny_model
 
 from napari_segdiff.models import register_user_model, save_model, sha256_of
-
-from _helpers import disc_image, tiny_model
 
 pytestmark = pytest.mark.gui
 TIMEOUT_MS = 180_000
@@ -17,8 +17,12 @@ def user_base(tmp_path, monkeypatch):
     """A tiny model registered as the user model 'tiny-user' in a temporary user model directory."""
     monkeypatch.setenv("NAPARI_SEGDIFF_MODELS", str(tmp_path / "models"))
     path = tmp_path / "tiny.pt"
-    save_model(tiny_model(seed=0, perturb=0.3), path, half=False,
-               meta={"name": "tiny-user", "tiling": {"tile": 32, "overlap": 0.0}, "sampling": {"samples": 2, "steps": 2}})
+    save_model(
+        tiny_model(seed=0, perturb=0.3),
+        path,
+        half=False,
+        meta={"name": "tiny-user", "tiling": {"tile": 32, "overlap": 0.0}, "sampling": {"samples": 2, "steps": 2}},
+    )
     register_user_model("tiny-user", path, sha256_of(path))
     return "tiny-user"
 

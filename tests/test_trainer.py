@@ -1,4 +1,5 @@
 """The trainer: it learns, it resumes exactly (also after SIGKILL), and it exports usable models."""
+
 from __future__ import annotations
 
 import csv
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import disc_image
 from skimage.io import imsave
 
 from napari_segdiff import segment
@@ -21,17 +23,30 @@ from napari_segdiff.models import load_model
 from napari_segdiff.training.datasets import Sample
 from napari_segdiff.training.trainer import TrainConfig, Trainer, export, pack_checkpoint
 
-from _helpers import disc_image
-
 
 def _discs(n=3, size=48):
     return [Sample(f"img{i}", *disc_image(size, seed=i, n_discs=4, radius=(4, 9))) for i in range(n)]
 
 
 def _cfg(out, **kw) -> TrainConfig:
-    base = dict(preset="tiny", crop=32, batch_size=4, lr=2e-3, warmup_steps=10, augment="none", val="",
-                val_every=10_000, val_samples=2, val_steps=5, val_tile=32, ckpt_every=10_000, device="cpu",
-                threads=1, out=str(out), seed=0)
+    base = dict(
+        preset="tiny",
+        crop=32,
+        batch_size=4,
+        lr=2e-3,
+        warmup_steps=10,
+        augment="none",
+        val="",
+        val_every=10_000,
+        val_samples=2,
+        val_steps=5,
+        val_tile=32,
+        ckpt_every=10_000,
+        device="cpu",
+        threads=1,
+        out=str(out),
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -54,7 +69,7 @@ def test_tiny_model_learns_bright_discs(tmp_path):
     after = tr.validate()["dice"]
     assert before < 0.5 < 0.85 < after, (before, after)
     assert res["step"] == 200 and res["best"] == pytest.approx(after)
-    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    rows = list(csv.DictReader(Path(tmp_path / "run" / "log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == list(range(1, 201))
     first = np.mean([float(r["loss"]) for r in rows[:20]])
     last = np.mean([float(r["loss"]) for r in rows[-20:]])
@@ -92,7 +107,7 @@ def test_resume_gives_identical_weights(tmp_path):
     lc = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert la["step"] == lc["step"] == N
     _assert_same_state(la["model"], lc["model"])
-    rows = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
+    rows = list(csv.DictReader(Path(tmp_path / "b" / "log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == list(range(1, N + 1))
 
 
@@ -115,13 +130,42 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
     _write_folder(data, samples)
     run = tmp_path / "killed"
     N = 40
-    args = ["--data", str(data), "--preset", "tiny", "--crop", "32", "--batch-size", "4", "--lr", "0.002",
-            "--warmup-steps", "10", "--augment", "monuseg", "--val", "", "--val-every", "10000", "--ckpt-every",
-            "1", "--device", "cpu", "--threads", "1", "--seed", "0"]
+    args = [
+        "--data",
+        str(data),
+        "--preset",
+        "tiny",
+        "--crop",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.002",
+        "--warmup-steps",
+        "10",
+        "--augment",
+        "monuseg",
+        "--val",
+        "",
+        "--val-every",
+        "10000",
+        "--ckpt-every",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--seed",
+        "0",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "napari_segdiff.training.cli"]
-    proc = subprocess.Popen(cmd + ["train", *args, "--max-steps", str(N), "--out", str(run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd + ["train", *args, "--max-steps", str(N), "--out", str(run)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "last.pt").exists():
@@ -139,8 +183,13 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed_at = torch.load(run / "last.pt", weights_only=True)["step"]
     assert 1 <= killed_at < N, killed_at
-    r = subprocess.run(cmd + ["resume", str(run), "--max-steps", str(N), "--threads", "1"], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        cmd + ["resume", str(run), "--max-steps", str(N), "--threads", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming {run} at step {killed_at}" in r.stdout
     resumed = torch.load(run / "last.pt", weights_only=True)
@@ -152,7 +201,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
     straight.fit(progress=False)
     _assert_same_state(straight.net.state_dict(), resumed["model"])
     _assert_same_state(straight.ema.state_dict(), resumed["ema"])
-    rows = list(csv.DictReader(open(run / "log.csv")))
+    rows = list(csv.DictReader(Path(run / "log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == list(range(1, N + 1))
 
 
@@ -162,8 +211,9 @@ def test_export_gives_a_model_that_segments(tmp_path):
     tr = Trainer(_cfg(tmp_path / "run", max_steps=8, val="img2"), samples=samples)
     tr.fit(progress=False)
     out = tmp_path / "exported.pt"
-    path, sha, half = export(tmp_path / "run", out, "discs", sampling={"samples": 2, "steps": 3},
-                             extra_meta={"description": "test"})
+    path, sha, half = export(
+        tmp_path / "run", out, "discs", sampling={"samples": 2, "steps": 3}, extra_meta={"description": "test"}
+    )
     assert path == out and out.exists()
     m = load_model(out)
     assert m.name == "discs" and m.sha256 == sha and m.meta["train_step"] == 8
@@ -178,7 +228,7 @@ def test_export_gives_a_model_that_segments(tmp_path):
     r = segment(samples[2].image, str(out), tile=32, device="cpu")
     assert r.info["samples"] == 2 and r.info["steps"] == 3 and r.info["model"] == "discs"
     assert r.probability.shape == samples[2].mask.shape
-    assert 0 <= r.probability.min() and r.probability.max() <= 1
+    assert r.probability.min() >= 0 and r.probability.max() <= 1
 
 
 # ---------------------------------------------------------------- config
@@ -202,8 +252,9 @@ def test_default_fraction_split(tmp_path):
 
 def test_cosine_lr_decay_schedule_and_resume_overrides(tmp_path):
     samples = _discs(2)
-    tr = Trainer(_cfg(tmp_path / "a", max_steps=100, warmup_steps=10, lr=1e-3, lr_decay_start=50, lr_min=1e-5),
-                 samples=samples)
+    tr = Trainer(
+        _cfg(tmp_path / "a", max_steps=100, warmup_steps=10, lr=1e-3, lr_decay_start=50, lr_min=1e-5), samples=samples
+    )
     assert tr.lr_at(0) == pytest.approx(1e-4)  # warm-up
     assert tr.lr_at(20) == tr.lr_at(50) == pytest.approx(1e-3)  # constant until the decay starts
     lrs = [tr.lr_at(s) for s in range(50, 101)]
@@ -219,13 +270,12 @@ def test_cosine_lr_decay_schedule_and_resume_overrides(tmp_path):
     b.fit(progress=False)
     from napari_segdiff.training.cli import main as train_main
 
-    r = Trainer.resume(tmp_path / "b", samples=samples, max_steps=8, lr_decay_start=4, lr_min=0.0, amp="bf16",
-                       lr=5e-4)
+    r = Trainer.resume(tmp_path / "b", samples=samples, max_steps=8, lr_decay_start=4, lr_min=0.0, amp="bf16", lr=5e-4)
     assert (r.step, r.cfg.amp, r.cfg.lr_decay_start, r.cfg.lr) == (3, "bf16", 4, 5e-4)
     assert r.lr_at(4) == pytest.approx(5e-4 * min(1.0, 5 / r.cfg.warmup_steps))  # restart at the new peak
     r.fit(progress=False)
     assert r.step == 8 and r.opt.param_groups[0]["lr"] == pytest.approx(r.lr_at(7))
-    assert np.isfinite(float(open(tmp_path / "b" / "log.csv").read().splitlines()[-1].split(",")[2]))
+    assert np.isfinite(float((tmp_path / "b" / "log.csv").read_text().splitlines()[-1].split(",")[2]))
     with pytest.raises(SystemExit):  # the resume CLI knows the new flags and checks their types
         train_main(["resume", str(tmp_path / "b"), "--lr-min", "abc"])
     with pytest.raises(SystemExit):
@@ -290,8 +340,10 @@ def test_unknown_select_metric_is_refused():
         _cfg("unused", select_metric="dcie")
 
 
-@pytest.mark.parametrize("metric,values,best", [("dice", [0.5, 0.8, 0.6], 0.8), ("ece", [0.3, 0.1, 0.2], 0.1),
-                                               ("calibration", [0.3, 0.1, 0.2], 0.1)])
+@pytest.mark.parametrize(
+    "metric,values,best",
+    [("dice", [0.5, 0.8, 0.6], 0.8), ("ece", [0.3, 0.1, 0.2], 0.1), ("calibration", [0.3, 0.1, 0.2], 0.1)],
+)
 def test_checkpoint_selection_follows_the_metric_direction(tmp_path, metric, values, best):
     t = Trainer(_cfg(tmp_path, select_metric=metric), samples=_discs(2))
     scores = {t.score({metric: v}, loss=1.0): v for v in values}

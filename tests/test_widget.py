@@ -1,12 +1,20 @@
 """The napari widget in a real napari window (run under ``xvfb-run -a`` with QT_QPA_PLATFORM unset)."""
+
 from __future__ import annotations
 
 import dask.array as da
 import numpy as np
 import pytest
 
-from napari_segdiff import (SamplingConfig, TilingConfig, available_devices, list_models, load_model,
-                            recommended_config, segment)
+from napari_segdiff import (
+    SamplingConfig,
+    TilingConfig,
+    available_devices,
+    list_models,
+    load_model,
+    recommended_config,
+    segment,
+)
 from napari_segdiff._widget import SegDiffWidget, SliceProgress
 from napari_segdiff.stacks import split_instances
 
@@ -57,7 +65,7 @@ def run_and_wait(qtbot, widget) -> list[SliceProgress]:
 def rgb_image(h=48, w=40, seed=0):
     rng = np.random.default_rng(seed)
     img = np.full((h, w, 3), 30, np.uint8)
-    img[h // 4: h // 2, w // 4: w // 2] = 220
+    img[h // 4 : h // 2, w // 4 : w // 2] = 220
     return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
 
 
@@ -71,8 +79,11 @@ def test_docks_from_manifest_with_library_defaults(make_napari_viewer, tiny_mode
     # the selected shipped model's recommended settings, as segment() uses them
     rec = recommended_config(load_model(widget.model.value))
     assert (widget.samples.value, widget.steps.value) == (rec.sampling.samples, rec.sampling.steps)
-    assert (widget.tile.value, widget.overlap.value, widget.threshold.value) == (t.tile, rec.tiling.overlap,
-                                                                                 s.threshold)
+    assert (widget.tile.value, widget.overlap.value, widget.threshold.value) == (
+        t.tile,
+        rec.tiling.overlap,
+        s.threshold,
+    )
     assert widget.seed.value == s.seed and widget.device.value == "auto"
     widget.samples.value, widget.steps.value, widget.overlap.value = 1, 1, 0.5
     widget.set_model(tiny_model)  # a model without recommended settings gets the library's defaults
@@ -103,7 +114,7 @@ def test_run_adds_three_layers_with_input_geometry_and_metadata(qtbot, dock):
         assert meta["model"] == "tiny" and meta["sha256"] is None
         assert (meta["samples"], meta["steps"], meta["overlap"], meta["seed"], meta["device"]) == (2, 2, 0.25, 3, "cpu")
         assert meta["seconds"] > 0 and meta["input"] == "cells"
-    assert 0.0 <= prob.data.min() and prob.data.max() <= 1.0 and var.data.min() >= 0.0
+    assert prob.data.min() >= 0.0 and prob.data.max() <= 1.0 and var.data.min() >= 0.0
     np.testing.assert_array_equal(mask.data, prob.data > 0.5)
     # the widget runs exactly what the library runs
     ref = segment(layer.data, widget._models[widget.model.value], **FAST, device="cpu")

@@ -4,6 +4,7 @@
 >>> result = napari_segdiff.segment(image)            # shipped default model
 >>> result.probability, result.variance, result.mask
 """
+
 from ._errors import ModelFileError, SegDiffError
 from .config import PRESETS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig, get_preset
 from .engine import Progress, SegmentationResult, available_devices, iter_segment, recommended_config, segment

@@ -5,6 +5,7 @@ process builds its :class:`TileSampler` once (model weights are scattered once, 
 their sha256) and uses its own device (``auto``: its GPU when it has one). Tile noise is seeded per
 tile, so the result equals a single-process run with the same seed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,20 +24,36 @@ def _model_bytes(mdl) -> tuple[str, bytes]:
     from .models import FORMAT
 
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": 1, "config": mdl.config.to_dict(),
-                "state_dict": {k: v.detach().cpu() for k, v in mdl.net.state_dict().items()},
-                "meta": {"name": mdl.name, "sha256": mdl.sha256}}, buf)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": 1,
+            "config": mdl.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in mdl.net.state_dict().items()},
+            "meta": {"name": mdl.name, "sha256": mdl.sha256},
+        },
+        buf,
+    )
     data = buf.getvalue()
     return hashlib.sha256(data).hexdigest(), data
 
 
-def _run_batch(key: str, model_data: bytes, sampling, device: str, images: np.ndarray, indices: list[int],
-               seed: int, precision: str = "auto", scale: float | None = None):
+def _run_batch(
+    key: str,
+    model_data: bytes,
+    sampling,
+    device: str,
+    images: np.ndarray,
+    indices: list[int],
+    seed: int,
+    precision: str = "auto",
+    scale: float | None = None,
+):
+    from .config import NetworkConfig
     from .diffusion import Diffusion
     from .engine import TileSampler, resolve_device
     from .models import SegDiffModel
     from .network import SegDiffNet
-    from .config import NetworkConfig
 
     key = f"{key}:{device}:{precision}:{scale}"
     runner = _WORKER_CACHE.get(key)
@@ -46,15 +63,29 @@ def _run_batch(key: str, model_data: bytes, sampling, device: str, images: np.nd
         net = SegDiffNet(cfg)
         net.load_state_dict(payload["state_dict"])
         dev = resolve_device(device)
-        mdl = SegDiffModel(net.eval().to(dev), Diffusion.from_config(cfg), payload["meta"].get("name", "model"),
-                           payload["meta"].get("sha256"))
+        mdl = SegDiffModel(
+            net.eval().to(dev),
+            Diffusion.from_config(cfg),
+            payload["meta"].get("name", "model"),
+            payload["meta"].get("sha256"),
+        )
         runner = _WORKER_CACHE[key] = TileSampler(mdl, sampling, dev, precision=precision, scale=scale)
     runner.sampling = sampling
     return runner(images, indices, seed)
 
 
-def distributed_tiles(client, items, tiling, mdl, sampling, seed, device: str = "auto",
-                      max_in_flight: int | None = None, precision: str = "auto", input_scale: float | None = None):
+def distributed_tiles(
+    client,
+    items,
+    tiling,
+    mdl,
+    sampling,
+    seed,
+    device: str = "auto",
+    max_in_flight: int | None = None,
+    precision: str = "auto",
+    input_scale: float | None = None,
+):
     """items: (window, tile scaled to [-1, 1]) in raster order; yields (window, mean, second moment) in order."""
     key, data = _model_bytes(mdl)
     model_future = client.scatter(data, broadcast=True, hash=False)
@@ -64,8 +95,19 @@ def distributed_tiles(client, items, tiling, mdl, sampling, seed, device: str = 
 
     def submit(batch):
         imgs = np.stack([to_chw(b) for _, b in batch])
-        fut = client.submit(_run_batch, key, model_future, sampling, device, imgs, [w.index for w, _ in batch],
-                            seed, precision, input_scale, pure=False)
+        fut = client.submit(
+            _run_batch,
+            key,
+            model_future,
+            sampling,
+            device,
+            imgs,
+            [w.index for w, _ in batch],
+            seed,
+            precision,
+            input_scale,
+            pure=False,
+        )
         pending.append(([w for w, _ in batch], fut))
 
     batch = []
@@ -85,5 +127,4 @@ def distributed_tiles(client, items, tiling, mdl, sampling, seed, device: str = 
 def _collect(entry):
     wins, fut = entry
     means, seconds = fut.result()
-    for w, m, s2 in zip(wins, means, seconds):
-        yield w, m, s2
+    yield from zip(wins, means, seconds)

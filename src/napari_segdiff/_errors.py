@@ -7,4 +7,3 @@ class SegDiffError(ValueError):
 
 class ModelFileError(SegDiffError):
     """A model file is missing, corrupted, of another architecture or fails its checksum."""
-

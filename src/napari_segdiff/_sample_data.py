@@ -3,6 +3,7 @@
 Both images are held-out validation images of the shipped models; their licences and attributions are
 in ``sample_data/README.md`` and are also put in each layer's metadata. No Qt here.
 """
+
 from __future__ import annotations
 
 from importlib.resources import files
@@ -50,6 +51,11 @@ def buildings_aerial() -> list[tuple]:
 def buildings_scene() -> list[tuple]:
     """A whole aerial scene (2048x2048 at 0.1485 m/px, Zanzibar, 89 buildings) and every building's mask;
     the layers' scale is the pixel size in metres."""
-    return _sample("buildings_scene", _BUILDINGS_LICENCE.replace("hotosm/fAIr-utilities", "hotosm/fAIr-utilities "
-                                                                 "(ramp-data TRAIN/HOTOSM/2, Zanzibar area)"),
-                   ext="jpg", pixel_size=0.1485)
+    return _sample(
+        "buildings_scene",
+        _BUILDINGS_LICENCE.replace(
+            "hotosm/fAIr-utilities", "hotosm/fAIr-utilities (ramp-data TRAIN/HOTOSM/2, Zanzibar area)"
+        ),
+        ext="jpg",
+        pixel_size=0.1485,
+    )

@@ -1,7 +1,9 @@
 """napari faces of fine-tuning and review: "SegDiff fine-tuning" and "SegDiff review". Qt/magicgui only here;
 the work is :func:`napari_segdiff.training.finetune.finetune` and :mod:`napari_segdiff.review`."""
+
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -13,7 +15,7 @@ from napari.utils.notifications import show_error
 from psygnal import Signal
 
 from ._errors import SegDiffError
-from .models import list_models, load_model, user_models_dir
+from .models import list_models, user_models_dir
 
 
 class FinetuneWidget(Container):
@@ -35,10 +37,14 @@ class FinetuneWidget(Container):
         self.pairs: list[tuple[Any, Any]] = []
         self._worker = None
         self._stop = False
-        self.image = ComboBox(label="image", choices=lambda _w=None: [(ly.name, ly) for ly in self._viewer.layers
-                                                                       if isinstance(ly, Image)])
-        self.labels = ComboBox(label="mask", choices=lambda _w=None: [(ly.name, ly) for ly in self._viewer.layers
-                                                                       if isinstance(ly, Labels)])
+        self.image = ComboBox(
+            label="image",
+            choices=lambda _w=None: [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Image)],
+        )
+        self.labels = ComboBox(
+            label="mask",
+            choices=lambda _w=None: [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Labels)],
+        )
         self.add_pair = PushButton(text="Add pair")
         self.clear_pairs = PushButton(text="Clear pairs")
         self.pair_list = Label(value="no pairs yet")
@@ -48,8 +54,21 @@ class FinetuneWidget(Container):
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
-        self.extend([self.image, self.labels, self.add_pair, self.clear_pairs, self.pair_list, self.base,
-                     self.minutes, self.name, self.train_button, self.cancel_button, self.status])
+        self.extend(
+            [
+                self.image,
+                self.labels,
+                self.add_pair,
+                self.clear_pairs,
+                self.pair_list,
+                self.base,
+                self.minutes,
+                self.name,
+                self.train_button,
+                self.cancel_button,
+                self.status,
+            ]
+        )
         self.add_pair.changed.connect(self._add_pair)
         self.clear_pairs.changed.connect(self._clear_pairs)
         self.train_button.changed.connect(self.run)
@@ -79,7 +98,9 @@ class FinetuneWidget(Container):
             if data.ndim != (3 if img.rgb else 2) or mask.ndim != 2:
                 raise SegDiffError(f"{img.name}: fine-tuning takes 2-D images (grey or RGB) and 2-D masks")
             if data.shape[:2] != mask.shape:
-                raise SegDiffError(f"{img.name} is {data.shape[:2]} but {lab.name} is {mask.shape}: pair layers of one size")
+                raise SegDiffError(
+                    f"{img.name} is {data.shape[:2]} but {lab.name} is {mask.shape}: pair layers of one size"
+                )
             out.append(Sample(f"{k:02d}-{img.name}", _rgb_uint8(data.copy()), mask.copy()))
         return out
 
@@ -106,12 +127,20 @@ class FinetuneWidget(Container):
             self._last = (st["step"], time.time() - t0)
 
         def work():
-            res = finetune(str(self.base.value), None, out, minutes=budget, name=name, samples=samples,
-                           overwrite=True, progress=False, on_step=on_step, should_stop=lambda: self._stop)
-            try:
+            res = finetune(
+                str(self.base.value),
+                None,
+                out,
+                minutes=budget,
+                name=name,
+                samples=samples,
+                overwrite=True,
+                progress=False,
+                on_step=on_step,
+                should_stop=lambda: self._stop,
+            )
+            with contextlib.suppress(OSError):
                 out.unlink()  # registered: the copy in the user model directory is the model
-            except OSError:
-                pass
             return res
 
         def ticker():
@@ -122,7 +151,9 @@ class FinetuneWidget(Container):
 
         worker = create_worker(work, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_done)
-        worker.errored.connect(lambda e: self._fail(str(e) if isinstance(e, SegDiffError) else f"{type(e).__name__}: {e}"))
+        worker.errored.connect(
+            lambda e: self._fail(str(e) if isinstance(e, SegDiffError) else f"{type(e).__name__}: {e}")
+        )
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self.train_button.enabled, self.cancel_button.enabled = False, True
@@ -174,18 +205,34 @@ class ReviewWidget(Container):
         self._viewer = napari_viewer
         self.items: list = []
         self.index = -1
-        self.variance = ComboBox(label="variance", choices=lambda _w=None: [(ly.name, ly) for ly in self._viewer.layers
-                                                                            if isinstance(ly, Image)])
-        self.objects = ComboBox(label="objects", choices=lambda _w=None: [("tiles (no objects)", None)] + [
-            (ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Labels)])
+        self.variance = ComboBox(
+            label="variance",
+            choices=lambda _w=None: [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Image)],
+        )
+        self.objects = ComboBox(
+            label="objects",
+            choices=lambda _w=None: (
+                [("tiles (no objects)", None)] + [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Labels)]
+            ),
+        )
         self.tile = SpinBox(label="tile", value=256, min=16, max=4096, step=16)
         self.top = SpinBox(label="how many", value=10, min=1, max=1000)
         self.list_button = PushButton(text="List")
         self.prev_button = PushButton(text="Previous")
         self.next_button = PushButton(text="Next")
         self.status = Label(value="")
-        self.extend([self.variance, self.objects, self.tile, self.top, self.list_button, self.prev_button,
-                     self.next_button, self.status])
+        self.extend(
+            [
+                self.variance,
+                self.objects,
+                self.tile,
+                self.top,
+                self.list_button,
+                self.prev_button,
+                self.next_button,
+                self.status,
+            ]
+        )
         self.list_button.changed.connect(self.make_list)
         self.next_button.changed.connect(lambda *_: self.go(+1))
         self.prev_button.changed.connect(lambda *_: self.go(-1))
@@ -208,14 +255,24 @@ class ReviewWidget(Container):
             return show_error(f"SegDiff review: {e}")
         pts = np.array([it.center for it in self.items]) if self.items else np.zeros((0, 2))
         name = f"{layer.name} review"
-        kw = dict(features={"score": [it.score for it in self.items], "rank": list(range(1, len(self.items) + 1))},
-                  scale=layer.scale, translate=layer.translate)
+        kw = dict(
+            features={"score": [it.score for it in self.items], "rank": list(range(1, len(self.items) + 1))},
+            scale=layer.scale,
+            translate=layer.translate,
+        )
         if name in self._viewer.layers:
             old = self._viewer.layers[name]
             old.data, old.features = pts, kw["features"]
         else:
-            self._viewer.add_points(pts, name=name, size=12, face_color="transparent", border_color="cyan",
-                                    text={"string": "{rank}", "color": "cyan"}, **kw)
+            self._viewer.add_points(
+                pts,
+                name=name,
+                size=12,
+                face_color="transparent",
+                border_color="cyan",
+                text={"string": "{rank}", "color": "cyan"},
+                **kw,
+            )
         self.index = -1
         self.status.value = f"{len(self.items)} places, highest mean variance first"
         if self.items:
@@ -233,5 +290,6 @@ class ReviewWidget(Container):
         y0, x0, y1, x1 = it.box
         extent = max(y1 - y0, x1 - x0, 32) * float(scale.max())
         self._viewer.camera.zoom = 600.0 / extent  # the place fills about 600 screen pixels
-        self.status.value = f"{self.index + 1}/{len(self.items)}: mean variance {it.score:.4f}" + \
-            (f", object {it.label}" if it.label else "")
+        self.status.value = f"{self.index + 1}/{len(self.items)}: mean variance {it.score:.4f}" + (
+            f", object {it.label}" if it.label else ""
+        )

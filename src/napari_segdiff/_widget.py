@@ -4,6 +4,7 @@ All magicgui/Qt code of the package lives in this module. The work itself is the
 :func:`napari_segdiff.iter_segment`, driven slice by slice by :func:`segment_stack` (a plain generator,
 no Qt) inside a napari thread worker.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -27,7 +28,7 @@ from .stacks import SliceProgress, StackResult, leading_shape, segment_stack
 
 MODEL_FILE = "model file..."
 #: segmentation widgets alive in this process: a newly fine-tuned model is offered to each of them
-LIVE_WIDGETS: "weakref.WeakSet[SegDiffWidget]" = weakref.WeakSet()
+LIVE_WIDGETS: weakref.WeakSet[SegDiffWidget] = weakref.WeakSet()
 #: one source for defaults: the library's typed configs
 _SAMPLING, _TILING, _SEGMENT = SamplingConfig(), TilingConfig(), SegmentConfig()
 _MAX_SEED = 2**31 - 1
@@ -90,44 +91,113 @@ class SegDiffWidget(Container):
     # -- layout ------------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        self.image = ComboBox(label="image", choices=self._image_layers,
-                              tooltip="Image layer to segment (grey or RGB; stacks go slice by slice)")
-        self.model = ComboBox(label="model", choices=self._model_choices,
-                              tooltip="A shipped model, or 'model file...' for a .pt file from "
-                                      "`napari-segdiff-train export`")
+        self.image = ComboBox(
+            label="image",
+            choices=self._image_layers,
+            tooltip="Image layer to segment (grey or RGB; stacks go slice by slice)",
+        )
+        self.model = ComboBox(
+            label="model",
+            choices=self._model_choices,
+            tooltip="A shipped model, or 'model file...' for a .pt file from `napari-segdiff-train export`",
+        )
         self.model_file = FileEdit(label="model file", mode="r", filter="*.pt", visible=False)
-        self.samples = SpinBox(label="samples", value=_SAMPLING.samples, min=1, max=256,
-                               tooltip="N stochastic samples per pixel: their mean is the probability, "
-                                       "their variance the uncertainty")
-        self.steps = SpinBox(label="steps", value=_SAMPLING.steps, min=1, max=NetworkConfig().diffusion_steps,
-                             tooltip="Reverse diffusion steps per sample (at most the model's diffusion steps)")
-        self.tile = SpinBox(label="tile", value=_TILING.tile, min=8, max=4096, step=8,
-                            tooltip="Window size in pixels (a multiple of the model's downsampling factor)")
-        self.overlap = FloatSpinBox(label="tile overlap", value=_TILING.overlap, min=0.0, max=0.95, step=0.05,
-                                    tooltip="Overlap of neighbouring windows, as a fraction of the tile")
-        self.threshold = FloatSpinBox(label="threshold", value=_SAMPLING.threshold, min=0.0, max=1.0, step=0.05,
-                                      tooltip="mask = probability > threshold")
+        self.samples = SpinBox(
+            label="samples",
+            value=_SAMPLING.samples,
+            min=1,
+            max=256,
+            tooltip="N stochastic samples per pixel: their mean is the probability, their variance the uncertainty",
+        )
+        self.steps = SpinBox(
+            label="steps",
+            value=_SAMPLING.steps,
+            min=1,
+            max=NetworkConfig().diffusion_steps,
+            tooltip="Reverse diffusion steps per sample (at most the model's diffusion steps)",
+        )
+        self.tile = SpinBox(
+            label="tile",
+            value=_TILING.tile,
+            min=8,
+            max=4096,
+            step=8,
+            tooltip="Window size in pixels (a multiple of the model's downsampling factor)",
+        )
+        self.overlap = FloatSpinBox(
+            label="tile overlap",
+            value=_TILING.overlap,
+            min=0.0,
+            max=0.95,
+            step=0.05,
+            tooltip="Overlap of neighbouring windows, as a fraction of the tile",
+        )
+        self.threshold = FloatSpinBox(
+            label="threshold",
+            value=_SAMPLING.threshold,
+            min=0.0,
+            max=1.0,
+            step=0.05,
+            tooltip="mask = probability > threshold",
+        )
         self.device = ComboBox(label="device", choices=available_devices(), value=_SEGMENT.device)
-        self.precision = ComboBox(label="precision", choices=list(PRECISIONS), value=_SEGMENT.precision,
-                                  tooltip="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same "
-                                          "masks), else float32")
-        self.seed = SpinBox(label="seed", value=-1 if _SAMPLING.seed is None else _SAMPLING.seed, min=-1,
-                            max=_MAX_SEED, tooltip="Random seed of the sampling noise; -1 draws one")
-        self.pixel_size = FloatSpinBox(label="pixel size", value=0.0, min=0.0, max=1e6, step=0.01,
-                                       tooltip="The image's pixel size in the model's unit; 0 = the layer's "
-                                               "scale (when it is not 1)")
-        self.instances = CheckBox(text="instances (one label per object)", value=False,
-                                  tooltip="Add a Labels layer with one id per object, by the model's instance "
-                                          "method (nuclei: watershed; buildings: connected components)")
-        self.skip_empty = CheckBox(text="skip empty tiles", value=_TILING.skip_empty,
-                                   tooltip="Tiles that are fully transparent, uniform (nodata) or, for slide models, "
-                                           "glass only get probability 0 without sampling")
+        self.precision = ComboBox(
+            label="precision",
+            choices=list(PRECISIONS),
+            value=_SEGMENT.precision,
+            tooltip="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32",
+        )
+        self.seed = SpinBox(
+            label="seed",
+            value=-1 if _SAMPLING.seed is None else _SAMPLING.seed,
+            min=-1,
+            max=_MAX_SEED,
+            tooltip="Random seed of the sampling noise; -1 draws one",
+        )
+        self.pixel_size = FloatSpinBox(
+            label="pixel size",
+            value=0.0,
+            min=0.0,
+            max=1e6,
+            step=0.01,
+            tooltip="The image's pixel size in the model's unit; 0 = the layer's scale (when it is not 1)",
+        )
+        self.instances = CheckBox(
+            text="instances (one label per object)",
+            value=False,
+            tooltip="Add a Labels layer with one id per object, by the model's instance "
+            "method (nuclei: watershed; buildings: connected components)",
+        )
+        self.skip_empty = CheckBox(
+            text="skip empty tiles",
+            value=_TILING.skip_empty,
+            tooltip="Tiles that are fully transparent, uniform (nodata) or, for slide models, "
+            "glass only get probability 0 without sampling",
+        )
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
-        self.extend([self.image, self.model, self.model_file, self.samples, self.steps, self.tile, self.overlap,
-                     self.threshold, self.device, self.precision, self.seed, self.pixel_size, self.instances,
-                     self.skip_empty, self.run_button, self.cancel_button, self.status])
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.model_file,
+                self.samples,
+                self.steps,
+                self.tile,
+                self.overlap,
+                self.threshold,
+                self.device,
+                self.precision,
+                self.seed,
+                self.pixel_size,
+                self.instances,
+                self.skip_empty,
+                self.run_button,
+                self.cancel_button,
+                self.status,
+            ]
+        )
         self.model.changed.connect(self._on_model_change)
         self.model_file.changed.connect(self._on_model_change)
         self.run_button.changed.connect(self.run)
@@ -181,11 +251,17 @@ class SegDiffWidget(Container):
         self.overlap.value = rec_cfg.tiling.overlap
         self.tile.value = rec_cfg.tiling.tile
         native = model_pixel_size(mdl.meta)
-        self.pixel_size.tooltip = (f"The image's pixel size in {native[1]} (the model's native: {native[0]:g} "
-                                   f"{native[1]}); 0 = the layer's scale (when it is not 1)" if native else
-                                   "this model does not record its pixel size: images are used as they are")
-        self.status.value = f"model {mdl.name}" + (f" ({mdl.sha256[:12]})" if mdl.sha256 else "") + \
-            (f", native pixel size {native[0]:g} {native[1]}" if native else "")
+        self.pixel_size.tooltip = (
+            f"The image's pixel size in {native[1]} (the model's native: {native[0]:g} "
+            f"{native[1]}); 0 = the layer's scale (when it is not 1)"
+            if native
+            else "this model does not record its pixel size: images are used as they are"
+        )
+        self.status.value = (
+            f"model {mdl.name}"
+            + (f" ({mdl.sha256[:12]})" if mdl.sha256 else "")
+            + (f", native pixel size {native[0]:g} {native[1]}" if native else "")
+        )
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -196,15 +272,29 @@ class SegDiffWidget(Container):
     def engine_kwargs(self) -> dict[str, Any]:
         """The widget's settings as :func:`iter_segment` keywords, validated by the library's configs."""
         seed = secrets.randbits(31) if self.seed.value < 0 else int(self.seed.value)
-        sampling = SamplingConfig(samples=int(self.samples.value), steps=int(self.steps.value), seed=seed,
-                                  threshold=float(self.threshold.value))
-        tiling = TilingConfig(tile=int(self.tile.value), overlap=float(self.overlap.value),
-                              skip_empty=bool(self.skip_empty.value))
-        cfg = SegmentConfig(sampling=sampling, tiling=tiling, device=str(self.device.value),
-                            precision=str(self.precision.value))
-        return dict(samples=sampling.samples, steps=sampling.steps, seed=sampling.seed,
-                    threshold=sampling.threshold, tile=tiling.tile, overlap=tiling.overlap, device=cfg.device,
-                    precision=cfg.precision, skip_empty=tiling.skip_empty)
+        sampling = SamplingConfig(
+            samples=int(self.samples.value),
+            steps=int(self.steps.value),
+            seed=seed,
+            threshold=float(self.threshold.value),
+        )
+        tiling = TilingConfig(
+            tile=int(self.tile.value), overlap=float(self.overlap.value), skip_empty=bool(self.skip_empty.value)
+        )
+        cfg = SegmentConfig(
+            sampling=sampling, tiling=tiling, device=str(self.device.value), precision=str(self.precision.value)
+        )
+        return dict(
+            samples=sampling.samples,
+            steps=sampling.steps,
+            seed=sampling.seed,
+            threshold=sampling.threshold,
+            tile=tiling.tile,
+            overlap=tiling.overlap,
+            device=cfg.device,
+            precision=cfg.precision,
+            skip_empty=tiling.skip_empty,
+        )
 
     def pixel_size_for(self, layer, model: SegDiffModel | None) -> tuple[float | None, str]:
         """(pixel size to pass, a sentence saying where it came from) for ``layer`` and ``model``."""
@@ -215,8 +305,9 @@ class SegDiffWidget(Container):
             return float(self.pixel_size.value), f"pixel size {self.pixel_size.value:g} {native[1]} (set here)"
         scale = float(np.asarray(layer.scale)[-1])
         if native is None or np.isclose(scale, 1.0):
-            return None, "pixel size: the image as it is" + (f" (model's native {native[0]:g} {native[1]}; "
-                                                            f"layer scale 1)" if native else "")
+            return None, "pixel size: the image as it is" + (
+                f" (model's native {native[0]:g} {native[1]}; layer scale 1)" if native else ""
+            )
         return scale, f"pixel size {scale:g} {native[1]} (the layer's scale)"
 
     def run(self, *_):
@@ -236,11 +327,22 @@ class SegDiffWidget(Container):
             return self._fail(str(e))
         if px is not None:
             kwargs["pixel_size"] = px
-        target = {"name": layer.name, "scale": np.array(layer.scale), "translate": np.array(layer.translate),
-                  "pixel_text": px_text}
-        worker = create_worker(segment_stack, data, bool(layer.rgb), self._models.get(key, key),
-                               instances=bool(self.instances.value),
-                               _start_thread=False, _ignore_errors=True, **kwargs)
+        target = {
+            "name": layer.name,
+            "scale": np.array(layer.scale),
+            "translate": np.array(layer.translate),
+            "pixel_text": px_text,
+        }
+        worker = create_worker(
+            segment_stack,
+            data,
+            bool(layer.rgb),
+            self._models.get(key, key),
+            instances=bool(self.instances.value),
+            _start_thread=False,
+            _ignore_errors=True,
+            **kwargs,
+        )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda result: self._on_done(key, target, result))
         worker.errored.connect(self._on_error)
@@ -300,10 +402,15 @@ class SegDiffWidget(Container):
         meta = {**result.info, "input": target["name"]}
         geo = {"scale": target["scale"], "translate": target["translate"]}
         name = target["name"]
-        self._put(Image, f"{name} probability", result.probability, meta, geo,
-                  {"colormap": "gray", "contrast_limits": (0.0, 1.0), "visible": False})
-        self._put(Image, f"{name} variance", result.variance, meta, geo,
-                  {"colormap": "magma", "blending": "additive"})
+        self._put(
+            Image,
+            f"{name} probability",
+            result.probability,
+            meta,
+            geo,
+            {"colormap": "gray", "contrast_limits": (0.0, 1.0), "visible": False},
+        )
+        self._put(Image, f"{name} variance", result.variance, meta, geo, {"colormap": "magma", "blending": "additive"})
         self._put(Labels, f"{name} mask", result.mask, meta, geo, {"opacity": 0.6})
         objects = ""
         if result.labels is not None:
@@ -311,13 +418,15 @@ class SegDiffWidget(Container):
             objects = f", {meta['objects']} objects"
         if meta.get("skipped_tiles"):
             objects += f", {meta['skipped_tiles']} of {meta['tiles']} tiles empty (not sampled)"
-        self.status.value = (f"done: {meta['model']}, {meta['samples']} samples x {meta['steps']} steps, "
-                             f"{meta['seconds']:.1f} s{objects}; {target['pixel_text']}")
+        self.status.value = (
+            f"done: {meta['model']}, {meta['samples']} samples x {meta['steps']} steps, "
+            f"{meta['seconds']:.1f} s{objects}; {target['pixel_text']}"
+        )
 
     def _put(self, kind, name: str, data, meta, geo, new_kwargs) -> None:
         """Update the layer ``name`` of this kind in place, or add it."""
         layers = self._viewer.layers
-        old = layers[name] if name in layers else None
+        old = layers[name] if name in layers else None  # noqa: SIM401 (a LayerList has no .get)
         if isinstance(old, kind):
             old.data = data
             old.scale, old.translate = geo["scale"], geo["translate"]

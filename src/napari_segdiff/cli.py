@@ -1,13 +1,15 @@
 """`napari-segdiff`: segment images from the shell.
 
-    napari-segdiff segment IMAGE -o OUT.tif [--model nuclei-he] [--samples 5] [--steps 10] ...
-    napari-segdiff segment big.zarr -o out.zarr --scheduler tcp://host:8786
-    napari-segdiff models
-    napari-segdiff eval --model nuclei-he --data DIR      (same as napari-segdiff-train eval)
+napari-segdiff segment IMAGE -o OUT.tif [--model nuclei-he] [--samples 5] [--steps 10] ...
+napari-segdiff segment big.zarr -o out.zarr --scheduler tcp://host:8786
+napari-segdiff models
+napari-segdiff eval --model nuclei-he --data DIR      (same as napari-segdiff-train eval)
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import signal
 import sys
@@ -24,9 +26,7 @@ def cmd_segment(args) -> int:
     from tqdm import tqdm
 
     from .engine import Progress, iter_segment
-    from .io import atomic_replace_dir, check_output, read_image, write_result
-
-    from .io import read_image_meta
+    from .io import atomic_replace_dir, check_output, read_image, read_image_meta, write_result
 
     inp = Path(args.input)
     out = check_output(args.output, [inp], args.overwrite)
@@ -44,8 +44,22 @@ def cmd_segment(args) -> int:
         from distributed import Client
 
         client = Client(args.scheduler)
-    kw = {k: getattr(args, k) for k in ("samples", "steps", "seed", "tile", "overlap", "batch_size", "threshold",
-                                         "sampler", "eta", "skip_empty") if getattr(args, k) is not None}
+    kw = {
+        k: getattr(args, k)
+        for k in (
+            "samples",
+            "steps",
+            "seed",
+            "tile",
+            "overlap",
+            "batch_size",
+            "threshold",
+            "sampler",
+            "eta",
+            "skip_empty",
+        )
+        if getattr(args, k) is not None
+    }
     kw.update(_pixel_size_args(args, meta, inp))
     if args.instances:
         kw["instances"] = True
@@ -75,7 +89,11 @@ def cmd_segment(args) -> int:
             import zarr
 
             zarr.open_group(str(tmp), mode="a").attrs.update(
-                {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in result.info.items()})
+                {
+                    k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                    for k, v in result.info.items()
+                }
+            )
             check_output(out, [inp], args.overwrite)  # still free? (another process may have written it)
             atomic_replace_dir(tmp, out)
             tmp = None
@@ -89,11 +107,15 @@ def cmd_segment(args) -> int:
     info = result.info
     extra = f", {info['objects']} objects" if "objects" in info else ""
     if "pixel_size" in info:
-        extra += f", pixel size {info['pixel_size']:g} {info['pixel_unit']} (model {info['model_pixel_size']:g} " \
-                 f"{info['model_pixel_unit']})"
-    print(f"wrote {out}: {info['tiles']} tiles, {info['samples']} samples x {info['steps']} steps, "
-          f"model {info['model']}, {info['seconds']:.1f} s, foreground {float(np.asarray(result.mask[:]).mean()):.3f}"
-          f"{extra}")
+        extra += (
+            f", pixel size {info['pixel_size']:g} {info['pixel_unit']} (model {info['model_pixel_size']:g} "
+            f"{info['model_pixel_unit']})"
+        )
+    print(
+        f"wrote {out}: {info['tiles']} tiles, {info['samples']} samples x {info['steps']} steps, "
+        f"model {info['model']}, {info['seconds']:.1f} s, foreground {float(np.asarray(result.mask[:]).mean()):.3f}"
+        f"{extra}"
+    )
     return 0
 
 
@@ -101,8 +123,10 @@ def check_channels(shape: tuple[int, ...], inp: Path) -> None:
     """A 2-D file must be grey (H, W), or colour (H, W, 1|3|4) / (1|3|4, H, W); (H, W, 2) and (H, W, 5+)
     are refused as segment() refuses them (a stack of H slices of W x 2 pixels is never what was meant)."""
     if len(shape) == 3 and (shape[-1] == 2 or (5 <= shape[-1] <= 16 and shape[0] > 16)):
-        raise SegDiffError(f"{inp.name} has {shape[-1]} channels (shape {tuple(shape)}); napari-segdiff reads grey, "
-                           "grey+alpha, RGB or RGBA images: save it as one of those")
+        raise SegDiffError(
+            f"{inp.name} has {shape[-1]} channels (shape {tuple(shape)}); napari-segdiff reads grey, "
+            "grey+alpha, RGB or RGBA images: save it as one of those"
+        )
 
 
 def _pixel_size_args(args, meta, inp: Path) -> dict:
@@ -121,12 +145,18 @@ def _pixel_size_args(args, meta, inp: Path) -> dict:
     try:
         scale_factor(meta.pixel_size, meta.pixel_unit, mdl.meta, mdl.name)
     except SegDiffError as e:
-        print(f"note: {inp.name} records a pixel size of {meta.pixel_size:g} {meta.pixel_unit} ({meta.source}), "
-              f"not used: {e}", file=sys.stderr)
+        print(
+            f"note: {inp.name} records a pixel size of {meta.pixel_size:g} {meta.pixel_unit} ({meta.source}), "
+            f"not used: {e}",
+            file=sys.stderr,
+        )
         return {}
     if not args.quiet:
-        print(f"pixel size {meta.pixel_size:g} {meta.pixel_unit} (from the file's {meta.source} metadata; "
-              f"--pixel-size overrides, --ignore-pixel-size turns it off)", file=sys.stderr)
+        print(
+            f"pixel size {meta.pixel_size:g} {meta.pixel_unit} (from the file's {meta.source} metadata; "
+            f"--pixel-size overrides, --ignore-pixel-size turns it off)",
+            file=sys.stderr,
+        )
     return {"pixel_size": meta.pixel_size, "pixel_unit": meta.pixel_unit}
 
 
@@ -147,8 +177,15 @@ def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
     if client is not None:
         raise SegDiffError("--scheduler works on 2-D images; run stacks without it (slices go one by one)")
     rgb = image.shape[-1] in (3, 4)
-    gen = segment_stack(image, rgb, args.model, device=args.device, precision=args.precision,
-                        **{k: v for k, v in kw.items() if k != "instances"}, instances=bool(kw.get("instances")))
+    gen = segment_stack(
+        image,
+        rgb,
+        args.model,
+        device=args.device,
+        precision=args.precision,
+        **{k: v for k, v in kw.items() if k != "instances"},
+        instances=bool(kw.get("instances")),
+    )
     bar = None
     try:
         while True:
@@ -179,25 +216,39 @@ def cmd_models(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="napari-segdiff", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="napari-segdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("segment", help="segment an image (tif/png/jpg/zarr) into a .tif or .zarr result")
     s.add_argument("input")
-    s.add_argument("-o", "--output", required=True, help="result path: .tif (pages: probability, variance, "
-                   "mask, and labels with --instances; a GeoTIFF input's georeferencing is kept), .zarr (a group of "
-                   "those arrays, streamed: for images larger than memory) or .geojson (one polygon per object, "
-                   "in a GeoTIFF input's map coordinates)")
+    s.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="result path: .tif (pages: probability, variance, "
+        "mask, and labels with --instances; a GeoTIFF input's georeferencing is kept), .zarr (a group of "
+        "those arrays, streamed: for images larger than memory) or .geojson (one polygon per object, "
+        "in a GeoTIFF input's map coordinates)",
+    )
     s.add_argument("--model", default=None, help="shipped model name or model file (default: nuclei-he)")
     s.add_argument("--samples", type=int)
     s.add_argument("--steps", type=int)
     s.add_argument("--sampler", choices=["ddpm", "ddim"])
     s.add_argument("--eta", type=float, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
-    s.add_argument("--pixel-size", dest="pixel_size", type=float,
-                   help="the image's pixel size (default: what the file records, else the model's own)")
+    s.add_argument(
+        "--pixel-size",
+        dest="pixel_size",
+        type=float,
+        help="the image's pixel size (default: what the file records, else the model's own)",
+    )
     s.add_argument("--pixel-unit", dest="pixel_unit", help="unit of --pixel-size (default: the model's: um or m)")
-    s.add_argument("--ignore-pixel-size", dest="ignore_pixel_size", action="store_true",
-                   help="do not use the pixel size the file records")
+    s.add_argument(
+        "--ignore-pixel-size",
+        dest="ignore_pixel_size",
+        action="store_true",
+        help="do not use the pixel size the file records",
+    )
     s.add_argument("--instances", action="store_true", help="also write instance labels (one id per object)")
     s.add_argument("--series", type=int, default=None, help="which image series of a multi-series TIFF (default 0)")
     s.add_argument("--seed", type=int)
@@ -205,19 +256,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tile", type=int)
     s.add_argument("--overlap", type=float)
     s.add_argument("--batch-size", dest="batch_size", type=int)
-    s.add_argument("--no-skip-empty", dest="skip_empty", action="store_false", default=None,
-                   help="sample every tile (default: transparent, uniform and, for slide models, glass-only tiles "
-                        "get probability 0 without sampling)")
+    s.add_argument(
+        "--no-skip-empty",
+        dest="skip_empty",
+        action="store_false",
+        default=None,
+        help="sample every tile (default: transparent, uniform and, for slide models, glass-only tiles "
+        "get probability 0 without sampling)",
+    )
     s.add_argument("--device", default="auto")
-    s.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32")
+    s.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32",
+    )
     s.add_argument("--scheduler", help="dask.distributed scheduler address: spread tiles over its workers")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     s.set_defaults(func=cmd_segment)
-    sub.add_parser("eval", help="score a model on a folder of images and masks (napari-segdiff-train eval; "
-                               "see `napari-segdiff eval --help`)", add_help=False)
+    sub.add_parser(
+        "eval",
+        help="score a model on a folder of images and masks (napari-segdiff-train eval; "
+        "see `napari-segdiff eval --help`)",
+        add_help=False,
+    )
     m = sub.add_parser("models", help="list shipped and user models")
     m.set_defaults(func=cmd_models)
     return p
@@ -235,10 +299,8 @@ def run_command(func, args, debug: bool = False) -> int:
     """Every CLI command's error handling: one ``error:`` line (exit 2 for bad input or usage, 1 for a run that
     failed unexpectedly; the traceback only with --debug), 130 on Ctrl-C and 143 on SIGTERM, temp files gone."""
     old = None
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread
         old = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread
-        pass
     try:
         return func(args)
     except SegDiffError as e:

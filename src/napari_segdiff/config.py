@@ -3,6 +3,7 @@
 Every config is a frozen dataclass validated on construction, so a bad value is refused with a
 message that names the allowed range before any work starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,25 +65,33 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        object.__setattr__(
-            self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions)
-        )
+        object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
         _check(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
-        _check(self.base_channels >= 8 and self.base_channels % 8 == 0,
-               f"base_channels must be a multiple of 8 (GroupNorm), got {self.base_channels}")
+        _check(
+            self.base_channels >= 8 and self.base_channels % 8 == 0,
+            f"base_channels must be a multiple of 8 (GroupNorm), got {self.base_channels}",
+        )
         _check(len(self.channel_mult) >= 1, "channel_mult needs at least one level")
         _check(self.num_res_blocks >= 1, f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         _check(self.rrdb_blocks >= 0, f"rrdb_blocks must be >= 0, got {self.rrdb_blocks}")
         _check(self.diffusion_steps >= 2, f"diffusion_steps must be >= 2, got {self.diffusion_steps}")
-        _check(self.time_embedding in ("learned", "sinusoidal"),
-               f"time_embedding must be 'learned' or 'sinusoidal', got {self.time_embedding!r}")
-        _check(self.beta_schedule in ("linear-scaled", "linear-paper"),
-               f"beta_schedule must be 'linear-scaled' or 'linear-paper', got {self.beta_schedule!r}")
-        _check(self.parameterization in ("eps", "x0"),
-               f"parameterization must be 'eps' or 'x0', got {self.parameterization!r}")
-        _check(self.image_size % self.downsample_factor == 0,
-               f"image_size {self.image_size} must be a multiple of the network's downsampling "
-               f"factor {self.downsample_factor}")
+        _check(
+            self.time_embedding in ("learned", "sinusoidal"),
+            f"time_embedding must be 'learned' or 'sinusoidal', got {self.time_embedding!r}",
+        )
+        _check(
+            self.beta_schedule in ("linear-scaled", "linear-paper"),
+            f"beta_schedule must be 'linear-scaled' or 'linear-paper', got {self.beta_schedule!r}",
+        )
+        _check(
+            self.parameterization in ("eps", "x0"),
+            f"parameterization must be 'eps' or 'x0', got {self.parameterization!r}",
+        )
+        _check(
+            self.image_size % self.downsample_factor == 0,
+            f"image_size {self.image_size} must be a multiple of the network's downsampling "
+            f"factor {self.downsample_factor}",
+        )
         _check(0.0 < self.input_scale <= 4.0, f"input_scale must be in (0, 4], got {self.input_scale}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -94,8 +103,7 @@ class NetworkConfig:
     def attention_levels(self) -> tuple[int, ...]:
         """U-Net levels (0 = full resolution) that carry attention."""
         return tuple(
-            lvl for lvl in range(len(self.channel_mult))
-            if self.image_size // 2**lvl in self.attention_resolutions
+            lvl for lvl in range(len(self.channel_mult)) if self.image_size // 2**lvl in self.attention_resolutions
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +113,7 @@ class NetworkConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NetworkConfig":
+    def from_dict(cls, d: dict[str, Any]) -> NetworkConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         _check(not unknown, f"unknown network config keys {sorted(unknown)}; allowed: {sorted(names)}")
@@ -115,23 +123,48 @@ class NetworkConfig:
 #: Named presets. ``monuseg``/``vaihingen``/``cityscapes`` reproduce the paper's section 5;
 #: ``cpu-*`` are sized so that training and sampling are practical on a 2-core CPU.
 PRESETS: dict[str, NetworkConfig] = {
-    "monuseg": NetworkConfig(image_size=256, base_channels=128, channel_mult=(1, 1, 1, 2, 2, 4, 4),
-                             rrdb_blocks=12),
-    "vaihingen": NetworkConfig(image_size=256, base_channels=128, channel_mult=(1, 1, 1, 2, 2, 4, 4),
-                               rrdb_blocks=6),
-    "cityscapes": NetworkConfig(image_size=128, base_channels=128, channel_mult=(1, 1, 2, 2, 4, 4),
-                                rrdb_blocks=15),
+    "monuseg": NetworkConfig(image_size=256, base_channels=128, channel_mult=(1, 1, 1, 2, 2, 4, 4), rrdb_blocks=12),
+    "vaihingen": NetworkConfig(image_size=256, base_channels=128, channel_mult=(1, 1, 1, 2, 2, 4, 4), rrdb_blocks=6),
+    "cityscapes": NetworkConfig(image_size=128, base_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), rrdb_blocks=15),
     # CPU-sized: 4 levels, attention at 16x16 of a 128 crop, x0 target (see training/ model cards)
-    "cpu-small": NetworkConfig(image_size=128, base_channels=32, channel_mult=(1, 2, 2, 4),
-                               num_res_blocks=1, rrdb_blocks=1, rrdb_width=32, rrdb_growth=16,
-                               attention_resolutions=(16,), num_heads=4, parameterization="x0"),
-    "cpu-medium": NetworkConfig(image_size=128, base_channels=48, channel_mult=(1, 2, 2, 4),
-                                num_res_blocks=2, rrdb_blocks=2, rrdb_width=48, rrdb_growth=24,
-                                attention_resolutions=(16,), num_heads=4, parameterization="x0"),
+    "cpu-small": NetworkConfig(
+        image_size=128,
+        base_channels=32,
+        channel_mult=(1, 2, 2, 4),
+        num_res_blocks=1,
+        rrdb_blocks=1,
+        rrdb_width=32,
+        rrdb_growth=16,
+        attention_resolutions=(16,),
+        num_heads=4,
+        parameterization="x0",
+    ),
+    "cpu-medium": NetworkConfig(
+        image_size=128,
+        base_channels=48,
+        channel_mult=(1, 2, 2, 4),
+        num_res_blocks=2,
+        rrdb_blocks=2,
+        rrdb_width=48,
+        rrdb_growth=24,
+        attention_resolutions=(16,),
+        num_heads=4,
+        parameterization="x0",
+    ),
     # for tests: builds and runs in milliseconds
-    "tiny": NetworkConfig(image_size=32, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                          rrdb_blocks=1, rrdb_width=8, rrdb_growth=8, attention_resolutions=(16,),
-                          num_heads=2, diffusion_steps=20, parameterization="x0"),
+    "tiny": NetworkConfig(
+        image_size=32,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        rrdb_blocks=1,
+        rrdb_width=8,
+        rrdb_growth=8,
+        attention_resolutions=(16,),
+        num_heads=2,
+        diffusion_steps=20,
+        parameterization="x0",
+    ),
 }
 
 
@@ -154,14 +187,19 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _normalise_ints(self, ("samples", "steps", "seed"))
-        _check(self.seed is None or isinstance(self.seed, int),
-               f"seed must be an integer (or None for a random one), got {self.seed!r}")
-        _check(isinstance(self.samples, int) and self.samples >= 1,
-               f"samples must be an integer >= 1, got {self.samples!r}")
-        _check(self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
-               f"steps must be an integer >= 1 (or None for all diffusion steps), got {self.steps!r}")
-        _check(self.sampler in ("ddpm", "ddim"),
-               f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        _check(
+            self.seed is None or isinstance(self.seed, int),
+            f"seed must be an integer (or None for a random one), got {self.seed!r}",
+        )
+        _check(
+            isinstance(self.samples, int) and self.samples >= 1,
+            f"samples must be an integer >= 1, got {self.samples!r}",
+        )
+        _check(
+            self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
+            f"steps must be an integer >= 1 (or None for all diffusion steps), got {self.steps!r}",
+        )
+        _check(self.sampler in ("ddpm", "ddim"), f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
         _check(0.0 <= self.eta <= 1.0, f"eta must be in [0, 1], got {self.eta}")
         _check(0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}")
 
@@ -179,11 +217,15 @@ class TilingConfig:
 
     def __post_init__(self) -> None:
         _normalise_ints(self, ("tile", "batch_size"))
-        _check(isinstance(self.skip_empty, (bool, np.bool_)), f"skip_empty must be True or False, got {self.skip_empty!r}")
+        _check(
+            isinstance(self.skip_empty, (bool, np.bool_)), f"skip_empty must be True or False, got {self.skip_empty!r}"
+        )
         _check(isinstance(self.tile, int) and self.tile >= 8, f"tile must be an integer >= 8, got {self.tile!r}")
         _check(0.0 <= self.overlap < 1.0, f"overlap must be in [0, 1), got {self.overlap}")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
-               f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        _check(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"batch_size must be an integer >= 1, got {self.batch_size!r}",
+        )
 
     @property
     def stride(self) -> int:
@@ -205,6 +247,10 @@ class SegmentConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
-               f"device must be one of auto, cpu, cuda, cuda:N, mps; got {self.device!r}")
-        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        _check(
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            f"device must be one of auto, cpu, cuda, cuda:N, mps; got {self.device!r}",
+        )
+        _check(
+            self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
+        )

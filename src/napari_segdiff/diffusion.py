@@ -9,9 +9,10 @@ far from the N(0, I) that sampling starts from. ``linear-scaled`` (the default, 
 and guided-diffusion code) multiplies both ends by 1000/T, giving 1e-3 .. 2e-1 for T=100 and
 alpha_bar_T ~ 2e-5. ``linear-paper`` keeps Eq. 14 literally.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,14 +60,16 @@ class Schedule:
         self._model_t = torch.from_numpy(self.timesteps.astype(np.int64))
 
     @classmethod
-    def linear(cls, T: int, kind: str = "linear-scaled") -> "Schedule":
+    def linear(cls, T: int, kind: str = "linear-scaled") -> Schedule:
         return cls(linear_betas(T, kind))
 
-    def respaced(self, steps: int) -> "Schedule":
+    def respaced(self, steps: int) -> Schedule:
         """A subset of ``steps`` evenly spaced timesteps with betas recomputed from alpha_bar, so the
         DDPM posterior between kept steps is exact (improved-DDPM respacing). steps == T: unchanged."""
         if not 1 <= steps <= self.num_steps:
-            raise SegDiffError(f"steps must be between 1 and {self.num_steps} (the model's diffusion steps), got {steps}")
+            raise SegDiffError(
+                f"steps must be between 1 and {self.num_steps} (the model's diffusion steps), got {steps}"
+            )
         if steps == self.num_steps:
             return self
         keep = np.unique(np.round(np.linspace(0, self.num_steps - 1, steps)).astype(int))
@@ -111,12 +114,17 @@ class Diffusion:
         self.parameterization = parameterization
 
     @classmethod
-    def from_config(cls, cfg) -> "Diffusion":
+    def from_config(cls, cfg) -> Diffusion:
         return cls(cfg.diffusion_steps, cfg.beta_schedule, cfg.parameterization)
 
     # ------------------------------------------------------------ training
-    def training_loss(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
-                      i: torch.Tensor | None = None) -> torch.Tensor:
+    def training_loss(
+        self,
+        model_fn: ModelFn,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        i: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Eq. 18: E ||eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, I, t)||^2 (or the x0 target)."""
         b = x0.shape[0]
         if i is None:

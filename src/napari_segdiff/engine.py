@@ -5,6 +5,7 @@ Per batch of tiles: G(I) once, repeated for the N samples, then T' reverse steps
 blender. Noise comes from one generator per tile seeded from (seed, tile index), so results do not
 depend on batch size or on which process ran the tile.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ import secrets
 import time
 import warnings
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +58,9 @@ class SegmentationResult:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU. An explicit device that is absent is an error."""
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda", "mps")
-                                           or (device.startswith("cuda:") and device[5:].isdigit())):
+    if not isinstance(device, str) or not (
+        device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
         raise SegDiffError(f"device must be one of auto, cpu, cuda, cuda:N, mps; got {device!r}")
     if device == "auto":
         if torch.cuda.is_available():
@@ -66,8 +69,10 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SegDiffError(f"device {device!r} was asked for but this torch has no CUDA device "
-                           f"(torch {torch.__version__}); use device='auto' or 'cpu'")
+        raise SegDiffError(
+            f"device {device!r} was asked for but this torch has no CUDA device "
+            f"(torch {torch.__version__}); use device='auto' or 'cpu'"
+        )
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise SegDiffError("device 'mps' was asked for but is not available here; use device='auto' or 'cpu'")
     return torch.device(device)
@@ -94,9 +99,11 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-BF16_EMULATED = ("bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16 or AMX): torch "
-                 "emulates it, which measured x25 slower than float32 for a training step on an AVX2 CPU; "
-                 "use precision 'auto' or 'fp32' (training: --amp none)")
+BF16_EMULATED = (
+    "bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16 or AMX): torch "
+    "emulates it, which measured x25 slower than float32 for a training step on an AVX2 CPU; "
+    "use precision 'auto' or 'fp32' (training: --amp none)"
+)
 
 
 def warn_if_bf16_emulated(device: torch.device) -> None:
@@ -149,8 +156,7 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def fit_batch_size(cfg, tiling: TilingConfig, samples: int, device: torch.device,
-                   scale: float | None = None) -> int:
+def fit_batch_size(cfg, tiling: TilingConfig, samples: int, device: torch.device, scale: float | None = None) -> int:
     """Tiles per batch that fit in 70% of free memory; refuses up front when one tile does not fit."""
     need = estimate_sample_bytes(cfg, tiling.tile, scale) * samples
     avail = available_memory(device)
@@ -158,12 +164,17 @@ def fit_batch_size(cfg, tiling: TilingConfig, samples: int, device: torch.device
         return tiling.batch_size
     budget = 0.7 * avail
     if need > budget:
-        raise SegDiffError(f"one {tiling.tile}x{tiling.tile} tile with {samples} samples needs about {need / 2**30:.1f} GiB "
-                           f"but only {avail / 2**30:.1f} GiB is free on {device}; lower samples or tile")
+        raise SegDiffError(
+            f"one {tiling.tile}x{tiling.tile} tile with {samples} samples needs about {need / 2**30:.1f} GiB "
+            f"but only {avail / 2**30:.1f} GiB is free on {device}; lower samples or tile"
+        )
     fit = max(1, int(budget // need))
     if fit < tiling.batch_size:
-        warnings.warn(f"batch_size lowered from {tiling.batch_size} to {fit} tiles to fit in free memory "
-                      f"({avail / 2**30:.1f} GiB on {device}; about {need / 2**30:.2f} GiB per tile)", stacklevel=3)
+        warnings.warn(
+            f"batch_size lowered from {tiling.batch_size} to {fit} tiles to fit in free memory "
+            f"({avail / 2**30:.1f} GiB on {device}; about {need / 2**30:.2f} GiB per tile)",
+            stacklevel=3,
+        )
         return fit
     return tiling.batch_size
 
@@ -175,8 +186,15 @@ def tile_seed(seed: int, index: int) -> int:
 class TileSampler:
     """Samples batches of tiles with one model: the unit a worker process holds."""
 
-    def __init__(self, model: SegDiffModel, sampling: SamplingConfig, device: torch.device,
-                 precision: str = "fp32", channels_last: bool | None = None, scale: float | None = None):
+    def __init__(
+        self,
+        model: SegDiffModel,
+        sampling: SamplingConfig,
+        device: torch.device,
+        precision: str = "fp32",
+        channels_last: bool | None = None,
+        scale: float | None = None,
+    ):
         self.model = model
         # tiles are resized by this factor before the network: the model's input_scale, times the ratio of
         # the image's pixel size to the model's native one when the caller gave a pixel size
@@ -223,8 +241,15 @@ class TileSampler:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
                 return net(x_t, t, features=feats)
 
-            x0 = diff.sample(model_fn, (B * N, 1, h, w), steps=s.steps, sampler=s.sampler, eta=s.eta,
-                             device=self.device, noise_fn=noise_fn)
+            x0 = diff.sample(
+                model_fn,
+                (B * N, 1, h, w),
+                steps=s.steps,
+                sampler=s.sampler,
+                eta=s.eta,
+                device=self.device,
+                noise_fn=noise_fn,
+            )
         return ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, h, w)
 
     def __call__(self, images: np.ndarray, indices: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,8 +258,10 @@ class TileSampler:
         h0, w0 = images.shape[-2:]
         mean, second = p.mean(dim=1, keepdim=True), (p * p).mean(dim=1, keepdim=True)
         if p.shape[-2:] != (h0, w0):  # bilinear weights are convex: the moments stay a valid mixture
-            mean, second = (torch.nn.functional.interpolate(a, size=(h0, w0), mode="bilinear", align_corners=False)
-                            for a in (mean, second))
+            mean, second = (
+                torch.nn.functional.interpolate(a, size=(h0, w0), mode="bilinear", align_corners=False)
+                for a in (mean, second)
+            )
         return mean[:, 0].cpu().numpy(), second[:, 0].cpu().numpy()
 
 
@@ -257,8 +284,12 @@ def reference_tile_sample(model: SegDiffModel, image: torch.Tensor, samples: int
 
     for j in range(samples):
         calls = iter(range(sched.num_steps + 1))
-        x = diff.sample(lambda x_t, t: net(x_t, t, image=image), (1, 1, h, w), steps=steps,
-                        noise_fn=lambda s: noise_for(next(calls))[j:j + 1])
+        x = diff.sample(
+            lambda x_t, t: net(x_t, t, image=image),
+            (1, 1, h, w),
+            steps=steps,
+            noise_fn=lambda s, calls=calls, j=j: noise_for(next(calls))[j : j + 1],
+        )
         outs.append(x)
     p = ((torch.cat(outs).clamp(-1, 1) + 1) / 2)[:, 0].numpy()
     return p.mean(0), (p * p).mean(0)
@@ -275,7 +306,8 @@ def _make_outputs(shape, out, tile):
         group = out
     chunks = (min(tile, shape[0]), min(tile * 4, shape[1]))
     return tuple(
-        group.create_array(name, shape=shape, chunks=chunks, dtype=dt) if hasattr(group, "create_array")
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dt)
+        if hasattr(group, "create_array")
         else group.create_dataset(name, shape=shape, chunks=chunks, dtype=dt)
         for name, dt in (("probability", "f4"), ("variance", "f4"), ("mask", "bool"))
     )
@@ -326,18 +358,23 @@ def iter_segment(
     mdl = load_model(model, device=dev)
     cfg = config or recommended_config(mdl)
     prec = resolve_precision(precision or cfg.precision, dev)
-    s_over = {k: v for k, v in dict(samples=samples, sampler=sampler, eta=eta, threshold=threshold).items()
-              if v is not None}
+    s_over = {
+        k: v for k, v in dict(samples=samples, sampler=sampler, eta=eta, threshold=threshold).items() if v is not None
+    }
     if steps != "default":
         s_over["steps"] = steps
     if seed != "default":
         s_over["seed"] = seed
     sampling = dataclasses.replace(cfg.sampling, **s_over)
     if sampling.steps is not None and sampling.steps > mdl.diffusion.T:
-        raise SegDiffError(f"steps must be between 1 and {mdl.diffusion.T} (the model's diffusion steps), "
-                           f"got {sampling.steps}")
-    t_over = {k: v for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size,
-                                    skip_empty=skip_empty).items() if v is not None}
+        raise SegDiffError(
+            f"steps must be between 1 and {mdl.diffusion.T} (the model's diffusion steps), got {sampling.steps}"
+        )
+    t_over = {
+        k: v
+        for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size, skip_empty=skip_empty).items()
+        if v is not None
+    }
     tiling = dataclasses.replace(cfg.tiling, **t_over)
     f = mdl.config.downsample_factor
     factor = scale_factor(pixel_size, pixel_unit, mdl.meta, mdl.name)
@@ -349,17 +386,24 @@ def iter_segment(
     if factor != 1.0 and tile is None:  # the model's tile, measured in its own pixels, on this image's grid
         side = int(round(tiling.tile * mdl.config.input_scale))
         guess = max(8, int(round(side / in_scale)))
-        tiling = dataclasses.replace(tiling, tile=next(
-            (t for d in range(0, 64) for t in (guess + d, guess - d) if t >= 8 and _fits(t)), guess))
+        tiling = dataclasses.replace(
+            tiling, tile=next((t for d in range(0, 64) for t in (guess + d, guess - d) if t >= 8 and _fits(t)), guess)
+        )
     if not _fits(tiling.tile):
-        good = next((t for t in range(tiling.tile, 7, -1) if _fits(t)), None) or \
-            next(t for t in range(tiling.tile, 1 << 20) if _fits(t))
-        what = f"tile {tiling.tile}" if in_scale == 1.0 else \
-            f"tile {tiling.tile} (resized to {int(round(tiling.tile * in_scale))} px at input scale {in_scale})"
-        raise SegDiffError(f"{what} must be a multiple of {f} (the downsampling factor of model {mdl.name!r}); "
-                           f"e.g. tile={good}")
-    tiling = dataclasses.replace(tiling, batch_size=fit_batch_size(mdl.config, tiling, sampling.samples, dev,
-                                                                    scale=in_scale))
+        good = next((t for t in range(tiling.tile, 7, -1) if _fits(t)), None) or next(
+            t for t in range(tiling.tile, 1 << 20) if _fits(t)
+        )
+        what = (
+            f"tile {tiling.tile}"
+            if in_scale == 1.0
+            else f"tile {tiling.tile} (resized to {int(round(tiling.tile * in_scale))} px at input scale {in_scale})"
+        )
+        raise SegDiffError(
+            f"{what} must be a multiple of {f} (the downsampling factor of model {mdl.name!r}); e.g. tile={good}"
+        )
+    tiling = dataclasses.replace(
+        tiling, batch_size=fit_batch_size(mdl.config, tiling, sampling.samples, dev, scale=in_scale)
+    )
     run_seed = secrets.randbits(31) if sampling.seed is None else int(sampling.seed)
 
     arr = as_hwc(image, mdl.config.in_channels)
@@ -368,9 +412,11 @@ def iter_segment(
     windows = window_grid((H, W), tiling.tile, tiling.stride)
     plain = -(-H // tiling.tile) * -(-W // tiling.tile)
     if len(windows) > 64 and len(windows) > 8 * plain:
-        warnings.warn(f"overlap {tiling.overlap} makes {len(windows)} tiles for this {H}x{W} image, {len(windows) / plain:.0f} "
-                      f"times the {plain} without overlap (and as many times the work); 0.25 blends seams well",
-                      stacklevel=2)
+        warnings.warn(
+            f"overlap {tiling.overlap} makes {len(windows)} tiles for this {H}x{W} image, {len(windows) / plain:.0f} "
+            f"times the {plain} without overlap (and as many times the work); 0.25 blends seams well",
+            stacklevel=2,
+        )
     weights = taper_weights(tiling.tile, tiling.tile - tiling.stride)
     prob, var, mask = _make_outputs((H, W), out, tiling.tile)
     thr = sampling.threshold
@@ -382,16 +428,30 @@ def iter_segment(
 
     blender = StreamingBlender((H, W), tiling.tile, weights, emit)
     info = {
-        "model": mdl.name, "sha256": mdl.sha256, "samples": sampling.samples,
+        "model": mdl.name,
+        "sha256": mdl.sha256,
+        "samples": sampling.samples,
         "steps": sampling.steps if sampling.steps is not None else mdl.diffusion.T,
-        "sampler": sampling.sampler, "seed": run_seed, "threshold": thr, "tile": tiling.tile,
-        "overlap": tiling.overlap, "batch_size": tiling.batch_size, "device": str(dev), "precision": prec,
-        "tiles": len(windows), "skip_empty": tiling.skip_empty,
+        "sampler": sampling.sampler,
+        "seed": run_seed,
+        "threshold": thr,
+        "tile": tiling.tile,
+        "overlap": tiling.overlap,
+        "batch_size": tiling.batch_size,
+        "device": str(dev),
+        "precision": prec,
+        "tiles": len(windows),
+        "skip_empty": tiling.skip_empty,
     }
     if pixel_size is not None:
         native = model_pixel_size(mdl.meta)
-        info.update(pixel_size=float(pixel_size), pixel_unit=pixel_unit or native[1], model_pixel_size=native[0],
-                    model_pixel_unit=native[1], scale_factor=round(factor, 6))
+        info.update(
+            pixel_size=float(pixel_size),
+            pixel_unit=pixel_unit or native[1],
+            model_pixel_size=native[0],
+            model_pixel_unit=native[1],
+            scale_factor=round(factor, 6),
+        )
     items = ((win, scale.apply(block)) for win, block in iter_windows(arr, windows, tiling.tile))
     skipped: Counter = Counter()
     if client is not None:
@@ -399,14 +459,23 @@ def iter_segment(
 
         # workers resolve device and precision themselves: theirs may differ from this process's
         def run(its):
-            return distributed_tiles(client, its, tiling, mdl, sampling, run_seed,
-                                     device=device or (config.device if config else "auto"),
-                                     precision=precision or cfg.precision, input_scale=in_scale)
+            return distributed_tiles(
+                client,
+                its,
+                tiling,
+                mdl,
+                sampling,
+                run_seed,
+                device=device or (config.device if config else "auto"),
+                precision=precision or cfg.precision,
+                input_scale=in_scale,
+            )
     else:
         runner = TileSampler(mdl, sampling, dev, precision=prec, channels_last=channels_last, scale=in_scale)
 
         def run(its):
             return _local_tiles(runner, its, tiling, run_seed)
+
     if tiling.skip_empty:
         alpha = alpha_of(image)
         bright = mdl.meta.get("background") == "bright"
@@ -418,10 +487,8 @@ def iter_segment(
         results = _skipping(items, why_empty, run, tiling.tile, skipped)
     else:
         results = run(items)
-    done = 0
-    for win, m, s2 in results:
+    for done, (win, m, s2) in enumerate(results, start=1):
         blender.add(win, m, s2)
-        done += 1
         yield Progress(done, len(windows), time.perf_counter() - t_start)
     blender.finish()
     info["skipped_tiles"] = sum(skipped.values())
@@ -463,12 +530,15 @@ def _write_labels(prob_array, labels: np.ndarray, tile: int):
     """Beside the zarr outputs: a ``labels`` array in the same group."""
     import zarr
 
-    group = zarr.open_group(store=prob_array.store, path=prob_array.path.rsplit("/", 1)[0]
-                            if "/" in prob_array.path else "", mode="a")
+    group = zarr.open_group(
+        store=prob_array.store, path=prob_array.path.rsplit("/", 1)[0] if "/" in prob_array.path else "", mode="a"
+    )
     chunks = (min(tile, labels.shape[0]), min(tile * 4, labels.shape[1]))
-    arr = (group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="i4", overwrite=True)
-           if hasattr(group, "create_array") else
-           group.create_dataset("labels", shape=labels.shape, chunks=chunks, dtype="i4", overwrite=True))
+    arr = (
+        group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="i4", overwrite=True)
+        if hasattr(group, "create_array")
+        else group.create_dataset("labels", shape=labels.shape, chunks=chunks, dtype="i4", overwrite=True)
+    )
     arr[:] = labels
     return arr
 

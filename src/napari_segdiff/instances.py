@@ -10,6 +10,7 @@ Three methods, chosen per model (``meta['instances']``) and measured in the mode
 * ``hmaxima``: the same watershed seeded at the h-maxima of the (smoothed) distance map, so a seed needs a
   ridge at least ``h`` pixels high: a waist between two touching nuclei splits them, a bump on one does not.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,15 @@ def _finish(labels: np.ndarray, mask: np.ndarray, components: np.ndarray, min_ar
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
-def label_instances(mask, probability=None, *, method: str = "components", min_area: float = 0,
-                    min_distance: int = MIN_DISTANCE, h: float = H_MAXIMA) -> np.ndarray:
+def label_instances(
+    mask,
+    probability=None,
+    *,
+    method: str = "components",
+    min_area: float = 0,
+    min_distance: int = MIN_DISTANCE,
+    h: float = H_MAXIMA,
+) -> np.ndarray:
     """Instance labels of a binary ``mask`` (``probability`` is accepted for methods that use it; the three
     here work on the mask). ``min_area`` in pixels: smaller objects are dropped."""
     from scipy import ndimage as ndi
@@ -60,8 +68,9 @@ def label_instances(mask, probability=None, *, method: str = "components", min_a
     if method == "watershed":
         from skimage.feature import peak_local_max
 
-        peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components,
-                               exclude_border=False)
+        peaks = peak_local_max(
+            distance, min_distance=max(1, int(min_distance)), labels=components, exclude_border=False
+        )
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     else:
         from skimage.morphology import h_maxima

@@ -5,6 +5,7 @@ Also what a file says about its pixels: the pixel size (OME-TIFF PhysicalSizeX, 
 the GeoTIFF ModelPixelScale, or the TIFF resolution tags in centimetres) and the GeoTIFF georeferencing
 (kept in a GeoTIFF output, used for GeoJSON polygons).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,9 @@ def _pil_mode_image(p: Path) -> np.ndarray:
             return np.asarray(im.convert("L"))
         if mode in ("L", "RGB", "RGBA", "I", "F", "I;16", "I;16B", "I;16L"):
             return np.asarray(im)
-    raise SegDiffError(f"{str(p)!r} has colour mode {mode!r}, which napari-segdiff does not read; save it as RGB "
-                       "or greyscale")
+    raise SegDiffError(
+        f"{str(p)!r} has colour mode {mode!r}, which napari-segdiff does not read; save it as RGB or greyscale"
+    )
 
 
 def read_image(path: str | os.PathLike, lazy: bool = False, series: int | None = None):
@@ -106,8 +108,11 @@ def read_image(path: str | os.PathLike, lazy: bool = False, series: int | None =
                     import warnings
 
                     shapes = ", ".join(f"{i}: {tuple(s.shape)}" for i, s in enumerate(tf.series[:6]))
-                    warnings.warn(f"{p.name} holds {n} image series ({shapes}); segmenting series {k} "
-                                  f"(choose another with --series)", stacklevel=2)
+                    warnings.warn(
+                        f"{p.name} holds {n} image series ({shapes}); segmenting series {k} "
+                        f"(choose another with --series)",
+                        stacklevel=2,
+                    )
                 if not lazy:
                     data = tf.series[k].asarray()
                     return data
@@ -173,7 +178,11 @@ def read_image_meta(path: str | os.PathLike) -> ImageMeta:
                 m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tf.ome_metadata)
                 u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tf.ome_metadata)
                 if m:
-                    meta.pixel_size, meta.pixel_unit, meta.source = float(m.group(1)), (u.group(1) if u else "um"), "ome"
+                    meta.pixel_size, meta.pixel_unit, meta.source = (
+                        float(m.group(1)),
+                        (u.group(1) if u else "um"),
+                        "ome",
+                    )
                     return meta
             ij = tf.imagej_metadata or {}
             if ij.get("unit") and 282 in tags and ij["unit"] not in ("pixel", "pixels"):
@@ -239,14 +248,19 @@ def check_output(out: str | os.PathLike, inputs: list, overwrite: bool) -> Path:
     for i in inputs:
         for ip in _input_paths(i):
             if _same_file(ip, out) or ip.resolve() == out.resolve():
-                raise SegDiffError(f"output {str(out)!r} is the input; choose another output path "
-                                   "(napari-segdiff never writes over its input)")
+                raise SegDiffError(
+                    f"output {str(out)!r} is the input; choose another output path "
+                    "(napari-segdiff never writes over its input)"
+                )
             if _within(ip, out):
-                raise SegDiffError(f"output {str(out)!r} contains the input {str(ip)!r}: writing it would delete "
-                                   "the input; choose an output outside it")
+                raise SegDiffError(
+                    f"output {str(out)!r} contains the input {str(ip)!r}: writing it would delete "
+                    "the input; choose an output outside it"
+                )
             if _within(out, ip):
-                raise SegDiffError(f"output {str(out)!r} lies inside the input {str(ip)!r}; choose an output "
-                                   "outside it")
+                raise SegDiffError(
+                    f"output {str(out)!r} lies inside the input {str(ip)!r}; choose an output outside it"
+                )
     if out.suffix.lower() not in WRITE_EXT:
         raise SegDiffError(f"unknown output format {out.suffix!r} for {str(out)!r}; use .tif/.tiff, .zarr or .geojson")
     if out.exists() and not overwrite:
@@ -285,8 +299,9 @@ def atomic_replace_dir(tmp: Path, final: Path) -> None:
 
 
 # ------------------------------------------------------------------ results
-def write_result(result, out: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = (),
-                 meta: ImageMeta | None = None) -> Path:
+def write_result(
+    result, out: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = (), meta: ImageMeta | None = None
+) -> Path:
     """Write a result. ``.zarr``: a group of arrays (probability, variance, mask, and labels when present).
     ``.tif``: one page each: probability (float32), variance (float32), mask (uint8 0/1) and labels
     (int32); with a GeoTIFF input (``meta``) every page carries its georeferencing. ``.geojson``: one polygon per
@@ -312,8 +327,9 @@ def write_result(result, out: str | os.PathLike, *, overwrite: bool = False, inp
             for name in names:
                 arr = np.asarray(getattr(result, name))
                 chunks = (1,) * (arr.ndim - 2) + tuple(min(256, s) for s in arr.shape[-2:])
-                g.create_array(name, data=arr, chunks=chunks) if hasattr(g, "create_array") \
-                    else g.create_dataset(name, data=arr, chunks=chunks)
+                g.create_array(name, data=arr, chunks=chunks) if hasattr(g, "create_array") else g.create_dataset(
+                    name, data=arr, chunks=chunks
+                )
             g.attrs.update(_jsonable(result.info))
             atomic_replace_dir(tmp, out)
         except BaseException:
@@ -321,8 +337,11 @@ def write_result(result, out: str | os.PathLike, *, overwrite: bool = False, inp
             raise
         return out
     if ext in (".tif", ".tiff"):
-        pages = [np.asarray(result.probability, np.float32), np.asarray(result.variance, np.float32),
-                 np.asarray(result.mask).astype(np.uint8)]
+        pages = [
+            np.asarray(result.probability, np.float32),
+            np.asarray(result.variance, np.float32),
+            np.asarray(result.mask).astype(np.uint8),
+        ]
         if "labels" in names:
             pages.append(np.asarray(result.labels).astype(np.int32))
         extratags = list(meta.geo_tags) if meta is not None else []
@@ -332,8 +351,13 @@ def write_result(result, out: str | os.PathLike, *, overwrite: bool = False, inp
             with tifffile.TiffWriter(f) as tw:
                 for name, page in zip(names, pages):
                     # a shaped series per output (tifffile's JSON description names it): four series on reading
-                    tw.write(page, photometric="minisblack", metadata={"name": name, **info},
-                             extratags=extratags, contiguous=False)
+                    tw.write(
+                        page,
+                        photometric="minisblack",
+                        metadata={"name": name, **info},
+                        extratags=extratags,
+                        contiguous=False,
+                    )
 
         atomic_write_bytes(out, write)
         return out
@@ -346,12 +370,16 @@ def labels_to_geojson(labels: np.ndarray, meta: ImageMeta | None, info: dict[str
     from skimage.measure import find_contours, regionprops
 
     if meta is None or meta.transform is None:
-        raise SegDiffError("GeoJSON output needs a georeferenced input (a GeoTIFF with ModelPixelScale and "
-                           "ModelTiepoint); write .tif or .zarr for this image")
+        raise SegDiffError(
+            "GeoJSON output needs a georeferenced input (a GeoTIFF with ModelPixelScale and "
+            "ModelTiepoint); write .tif or .zarr for this image"
+        )
     if meta.crs_epsg is None:
-        raise SegDiffError("the input GeoTIFF has no coordinate reference system (no EPSG code in its GeoKeys), so "
-                           "its polygons could not be placed on a map; write .tif or .zarr, or add the CRS first "
-                           "(e.g. gdal_edit.py -a_srs EPSG:XXXX)")
+        raise SegDiffError(
+            "the input GeoTIFF has no coordinate reference system (no EPSG code in its GeoKeys), so "
+            "its polygons could not be placed on a map; write .tif or .zarr, or add the CRS first "
+            "(e.g. gdal_edit.py -a_srs EPSG:XXXX)"
+        )
     if labels.ndim != 2:
         raise SegDiffError(f"GeoJSON output works on 2-D images; this result has shape {labels.shape}")
     x0, y0, sx, sy = meta.transform
@@ -368,11 +396,19 @@ def labels_to_geojson(labels: np.ndarray, meta: ImageMeta | None, info: dict[str
             rings.append(ring)
         rings.sort(key=lambda rg: -abs(_ring_area(rg)))
         area_m2 = float(rp.area) * sx * sy
-        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": rings},
-                      "properties": {"id": int(rp.label), "area_px": int(rp.area), "area": round(area_m2, 3)}})
-    return {"type": "FeatureCollection",
-            "crs": {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{meta.crs_epsg}"}},
-            "features": feats, "properties": _jsonable(info or {})}
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": rings},
+                "properties": {"id": int(rp.label), "area_px": int(rp.area), "area": round(area_m2, 3)},
+            }
+        )
+    return {
+        "type": "FeatureCollection",
+        "crs": {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{meta.crs_epsg}"}},
+        "features": feats,
+        "properties": _jsonable(info or {}),
+    }
 
 
 def _ring_area(ring) -> float:
@@ -417,8 +453,10 @@ def check_file_output(out: str | os.PathLike, inputs: list, overwrite: bool, suf
             if _same_file(ip, out) or ip.resolve() == out.resolve():
                 raise SegDiffError(f"output {str(out)!r} is the input; choose another output path")
     if out.name in ("last.pt", "best.pt") and (out.parent / "config.json").exists():
-        raise SegDiffError(f"{str(out)!r} is a training run's own checkpoint (beside its config.json): writing "
-                           f"there would replace it; choose another output path")
+        raise SegDiffError(
+            f"{str(out)!r} is a training run's own checkpoint (beside its config.json): writing "
+            f"there would replace it; choose another output path"
+        )
     if out.exists() and not overwrite:
         raise SegDiffError(f"output {str(out)!r} already exists; choose another path or pass --overwrite")
     return check_writable(out)

@@ -7,6 +7,7 @@ A model file is a ``torch.save`` of plain containers and tensors only::
 
 so it loads with ``torch.load(weights_only=True)``: a pickle that tries to run code is refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,7 @@ class SegDiffModel:
         return self.net.config
 
     @classmethod
-    def from_config(cls, config: NetworkConfig | str, name: str | None = None, seed: int = 0) -> "SegDiffModel":
+    def from_config(cls, config: NetworkConfig | str, name: str | None = None, seed: int = 0) -> SegDiffModel:
         """A freshly initialised (untrained) model, e.g. for tests or training."""
         if isinstance(config, str):
             name = name or config
@@ -55,7 +56,7 @@ class SegDiffModel:
         net = SegDiffNet(config).eval()
         return cls(net, Diffusion.from_config(config), name or "untrained")
 
-    def to(self, device: torch.device | str) -> "SegDiffModel":
+    def to(self, device: torch.device | str) -> SegDiffModel:
         self.net.to(device)
         return self
 
@@ -97,8 +98,9 @@ def _user_registry() -> dict[str, dict[str, Any]]:
         if not isinstance(reg, dict):
             raise ValueError("not a JSON object")
     except (ValueError, OSError) as e:
-        raise SegDiffError(f"the user model list {path} is unreadable ({e}); fix or delete it "
-                           f"(the model files beside it are kept)") from None
+        raise SegDiffError(
+            f"the user model list {path} is unreadable ({e}); fix or delete it (the model files beside it are kept)"
+        ) from None
     return reg
 
 
@@ -111,8 +113,9 @@ def list_models(user: bool = True) -> dict[str, str]:
     return out
 
 
-def register_user_model(name: str, path: str | os.PathLike, sha256: str, description: str = "",
-                        overwrite: bool = False) -> Path:
+def register_user_model(
+    name: str, path: str | os.PathLike, sha256: str, description: str = "", overwrite: bool = False
+) -> Path:
     """Copy a model file into the user model directory under ``name``; it then works by name everywhere."""
     import shutil
 
@@ -122,13 +125,20 @@ def register_user_model(name: str, path: str | os.PathLike, sha256: str, descrip
         raise SegDiffError(f"{name!r} is a shipped model's name; choose another name")
     reg = _user_registry()
     if name in reg and not overwrite:
-        raise SegDiffError(f"a user model named {name!r} exists already ({user_models_dir() / reg[name]['file']}); "
-                           "choose another name or pass --overwrite")
+        raise SegDiffError(
+            f"a user model named {name!r} exists already ({user_models_dir() / reg[name]['file']}); "
+            "choose another name or pass --overwrite"
+        )
     folder = user_models_dir()
     folder.mkdir(parents=True, exist_ok=True)
     dst = folder / f"{name}.pt"
     if Path(path).resolve() != dst.resolve():
-        atomic_write_bytes(dst, lambda f: shutil.copyfileobj(open(path, "rb"), f))
+
+        def copy(f):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+        atomic_write_bytes(dst, copy)
     reg[name] = {"file": dst.name, "sha256": sha256, "description": description}
     atomic_write_bytes(folder / "models.json", lambda f: f.write((json.dumps(reg, indent=2) + "\n").encode()))
     return dst
@@ -144,16 +154,22 @@ def register_model(name: str, path: str | os.PathLike, sha256: str, description:
     atomic_write_bytes(REGISTRY_FILE, lambda f: f.write((json.dumps(reg, indent=2) + "\n").encode()))
 
 
-def save_model(model: SegDiffModel | SegDiffNet, path: str | os.PathLike, *, half: bool = True,
-               meta: dict[str, Any] | None = None) -> str:
+def save_model(
+    model: SegDiffModel | SegDiffNet, path: str | os.PathLike, *, half: bool = True, meta: dict[str, Any] | None = None
+) -> str:
     """Write an inference file atomically (fp16 floats by default); returns its sha256."""
     net = model.net if isinstance(model, SegDiffModel) else model
     state = {}
     for k, v in net.state_dict().items():
         v = v.detach().cpu()
         state[k] = v.half() if half and v.is_floating_point() else v.clone()
-    payload = {"format": FORMAT, "version": 1, "config": net.config.to_dict(), "state_dict": state,
-               "meta": dict(meta or {})}
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        "config": net.config.to_dict(),
+        "state_dict": state,
+        "meta": dict(meta or {}),
+    }
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
     return sha256_of(path)
 
@@ -176,30 +192,45 @@ def _match_state_dict(state: dict[str, torch.Tensor]) -> str:
     return "of no known preset"
 
 
-def load_model_file(path: str | os.PathLike, *, expected_sha256: str | None = None,
-                    name: str | None = None, device: str | torch.device = "cpu") -> SegDiffModel:
+def load_model_file(
+    path: str | os.PathLike,
+    *,
+    expected_sha256: str | None = None,
+    name: str | None = None,
+    device: str | torch.device = "cpu",
+) -> SegDiffModel:
     path = Path(path)
     if not path.exists():
-        raise ModelFileError(f"model file {str(path)!r} does not exist; give a shipped model name "
-                             f"({', '.join(list_models()) or 'none installed'}) or the path of a .pt file "
-                             "written by `napari-segdiff-train export`")
+        raise ModelFileError(
+            f"model file {str(path)!r} does not exist; give a shipped model name "
+            f"({', '.join(list_models()) or 'none installed'}) or the path of a .pt file "
+            "written by `napari-segdiff-train export`"
+        )
     digest = sha256_of(path)
     if expected_sha256 and digest != expected_sha256:
-        raise ModelFileError(f"model file {str(path)!r} has sha256 {digest}, expected {expected_sha256}: the file "
-                             "is corrupted or was replaced; reinstall napari-segdiff to restore it")
+        raise ModelFileError(
+            f"model file {str(path)!r} has sha256 {digest}, expected {expected_sha256}: the file "
+            "is corrupted or was replaced; reinstall napari-segdiff to restore it"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, code-running pickle...
-        raise ModelFileError(f"cannot read model file {str(path)!r}: it is not a valid napari-segdiff model "
-                             f"file (truncated, corrupted, or not made by napari-segdiff): {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ModelFileError(
+            f"cannot read model file {str(path)!r}: it is not a valid napari-segdiff model "
+            f"file (truncated, corrupted, or not made by napari-segdiff): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if isinstance(payload, dict) and "model" in payload and "format" not in payload:
-        raise ModelFileError(f"{str(path)!r} is a training checkpoint, not a model file; turn it into one with "
-                             "`napari-segdiff-train export RUN_DIR --name NAME`")
+        raise ModelFileError(
+            f"{str(path)!r} is a training checkpoint, not a model file; turn it into one with "
+            "`napari-segdiff-train export RUN_DIR --name NAME`"
+        )
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         match = _match_state_dict(payload)
-        raise ModelFileError(f"{str(path)!r} is a bare state_dict ({match}), not a napari-segdiff model file "
-                             "with its architecture embedded; save it with napari_segdiff.models.save_model(net, path)")
+        raise ModelFileError(
+            f"{str(path)!r} is a bare state_dict ({match}), not a napari-segdiff model file "
+            "with its architecture embedded; save it with napari_segdiff.models.save_model(net, path)"
+        )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{str(path)!r} is not a napari-segdiff model file (no {FORMAT!r} header)")
     try:
@@ -213,16 +244,20 @@ def load_model_file(path: str | os.PathLike, *, expected_sha256: str | None = No
     except RuntimeError:  # shape mismatches
         missing, unexpected = ["(shape mismatch)"], []
     if missing or unexpected:
-        raise ModelFileError(f"model file {str(path)!r} does not match its embedded architecture "
-                             f"({_describe_mismatch(cfg)}; the weights are {_match_state_dict(state)}): "
-                             f"{len(missing)} missing and {len(unexpected)} "
-                             f"unexpected weights, e.g. {(missing or unexpected)[:3]}")
+        raise ModelFileError(
+            f"model file {str(path)!r} does not match its embedded architecture "
+            f"({_describe_mismatch(cfg)}; the weights are {_match_state_dict(state)}): "
+            f"{len(missing)} missing and {len(unexpected)} "
+            f"unexpected weights, e.g. {(missing or unexpected)[:3]}"
+        )
     net.eval().to(device)
     meta = dict(payload.get("meta", {}))
     return SegDiffModel(net, Diffusion.from_config(cfg), name or meta.get("name") or path.stem, digest, meta)
 
 
-def load_model(model: str | os.PathLike | SegDiffModel | None = None, device: str | torch.device = "cpu") -> SegDiffModel:
+def load_model(
+    model: str | os.PathLike | SegDiffModel | None = None, device: str | torch.device = "cpu"
+) -> SegDiffModel:
     """A shipped model by name (checksum verified), a model file path, or a model passed through."""
     if isinstance(model, SegDiffModel):
         return model.to(device)
@@ -232,17 +267,20 @@ def load_model(model: str | os.PathLike | SegDiffModel | None = None, device: st
     key = str(model)
     if key in reg:
         entry = reg[key]
-        mdl = load_model_file(WEIGHTS_DIR / entry["file"], expected_sha256=entry.get("sha256"), name=key,
-                              device=device)
+        mdl = load_model_file(WEIGHTS_DIR / entry["file"], expected_sha256=entry.get("sha256"), name=key, device=device)
         # facts measured after a file was made (native pixel size, instance method) live in the registry,
         # so the checksummed weights file stays as it was shipped
         mdl.meta.update(entry.get("meta", {}))
         return mdl
     user = _user_registry()
     if key in user:
-        return load_model_file(user_models_dir() / user[key]["file"], expected_sha256=user[key].get("sha256"),
-                               name=key, device=device)
+        return load_model_file(
+            user_models_dir() / user[key]["file"], expected_sha256=user[key].get("sha256"), name=key, device=device
+        )
     if Path(key).suffix or os.sep in key or Path(key).exists():
         return load_model_file(key, device=device)
-    raise ModelFileError(f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}"
-                         + (f", user models: {sorted(user)}" if user else "") + ", or give the path of a model file")
+    raise ModelFileError(
+        f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}"
+        + (f", user models: {sorted(user)}" if user else "")
+        + ", or give the path of a model file"
+    )

@@ -11,6 +11,7 @@ eps_theta(x_t, I, t) = D(E(F(x_t) + G(I), t), t)       (Eq. 17)
 G(I) does not depend on x_t or t, so :meth:`SegDiffNet.encode_image` is exposed separately and
 :meth:`SegDiffNet.forward` accepts precomputed features: samplers call G once per image.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,9 @@ class ResBlock(nn.Module):
         self.block1 = nn.Sequential(_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.temb = nn.Sequential(nn.Linear(temb_ch, out_ch), nn.SiLU(), nn.Linear(out_ch, out_ch))
         self.block2 = nn.Sequential(
-            _norm(out_ch), nn.SiLU(), nn.Dropout(dropout),
+            _norm(out_ch),
+            nn.SiLU(),
+            nn.Dropout(dropout),
             _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1)),
         )
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
@@ -197,10 +200,8 @@ class SegDiffNet(nn.Module):
         # decoder D
         self.up = nn.ModuleList()
         for lvl, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                self.up.append(
-                    _Level(ch + skip_chs.pop(), mult * C, temb_ch, lvl in attn_levels, heads, drop)
-                )
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(_Level(ch + skip_chs.pop(), mult * C, temb_ch, lvl in attn_levels, heads, drop))
                 ch = mult * C
             if lvl != 0:
                 self.up.append(Upsample(ch))

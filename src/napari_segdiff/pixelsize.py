@@ -6,6 +6,7 @@ gives the image's pixel size, the engine resizes each tile by ``factor = image p
 of the model's own ``input_scale``), so the network sees objects at the size it learned, and resizes the
 probability and variance back: the outputs stay on the image's grid.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,12 +16,29 @@ from ._errors import SegDiffError
 
 #: length units in metres; aliases as napari, OME and GeoTIFF spell them
 UNITS: dict[str, float] = {
-    "nm": 1e-9, "nanometer": 1e-9, "nanometre": 1e-9,
-    "um": 1e-6, "µm": 1e-6, "μm": 1e-6, "micron": 1e-6, "micrometer": 1e-6, "micrometre": 1e-6,
-    "mm": 1e-3, "millimeter": 1e-3, "millimetre": 1e-3,
-    "cm": 1e-2, "centimeter": 1e-2, "centimetre": 1e-2,
-    "m": 1.0, "meter": 1.0, "metre": 1.0, "metres": 1.0, "meters": 1.0,
-    "km": 1e3, "kilometer": 1e3, "kilometre": 1e3,
+    "nm": 1e-9,
+    "nanometer": 1e-9,
+    "nanometre": 1e-9,
+    "um": 1e-6,
+    "µm": 1e-6,
+    "μm": 1e-6,
+    "micron": 1e-6,
+    "micrometer": 1e-6,
+    "micrometre": 1e-6,
+    "mm": 1e-3,
+    "millimeter": 1e-3,
+    "millimetre": 1e-3,
+    "cm": 1e-2,
+    "centimeter": 1e-2,
+    "centimetre": 1e-2,
+    "m": 1.0,
+    "meter": 1.0,
+    "metre": 1.0,
+    "metres": 1.0,
+    "meters": 1.0,
+    "km": 1e3,
+    "kilometer": 1e3,
+    "kilometre": 1e3,
 }
 #: the factor between image and model pixels that is accepted; beyond it the unit is almost surely wrong
 MAX_FACTOR = 16.0
@@ -49,8 +67,10 @@ def check_pixel_size(pixel_size) -> float:
     except (TypeError, ValueError):
         raise SegDiffError(f"pixel_size must be a positive number, got {pixel_size!r}") from None
     if isinstance(pixel_size, bool) or not math.isfinite(v) or v <= 0:
-        raise SegDiffError(f"pixel_size must be a finite number > 0 (the image's pixel size, e.g. 0.3 for "
-                           f"0.3 m per pixel), got {pixel_size!r}")
+        raise SegDiffError(
+            f"pixel_size must be a finite number > 0 (the image's pixel size, e.g. 0.3 for "
+            f"0.3 m per pixel), got {pixel_size!r}"
+        )
     return v
 
 
@@ -64,15 +84,19 @@ def scale_factor(pixel_size, pixel_unit: str | None, meta: dict[str, Any], model
     size = check_pixel_size(pixel_size)
     native = model_pixel_size(meta)
     if native is None:
-        raise SegDiffError(f"model {model_name!r} does not record the pixel size it was trained at, so an image "
-                           f"pixel size cannot be matched to it; leave pixel_size out (the image is then used "
-                           f"as it is), or export the model with --pixel-size")
+        raise SegDiffError(
+            f"model {model_name!r} does not record the pixel size it was trained at, so an image "
+            f"pixel size cannot be matched to it; leave pixel_size out (the image is then used "
+            f"as it is), or export the model with --pixel-size"
+        )
     msize, munit = native
     unit = munit if pixel_unit is None else pixel_unit
     factor = size * unit_metres(unit) / (msize * unit_metres(munit))
     if not 1.0 / MAX_FACTOR <= factor <= MAX_FACTOR:
-        raise SegDiffError(f"pixel size {size:g} {unit} is {factor:.3g} times model {model_name!r}'s native "
-                           f"{msize:g} {munit}: more than x{MAX_FACTOR:g} apart, so the unit is probably wrong "
-                           f"(this model works in {munit}); resample the image first if it really is that coarse "
-                           f"or fine")
+        raise SegDiffError(
+            f"pixel size {size:g} {unit} is {factor:.3g} times model {model_name!r}'s native "
+            f"{msize:g} {munit}: more than x{MAX_FACTOR:g} apart, so the unit is probably wrong "
+            f"(this model works in {munit}); resample the image first if it really is that coarse "
+            f"or fine"
+        )
     return factor

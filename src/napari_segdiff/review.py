@@ -1,5 +1,6 @@
 """Where to correct first: the places of a run with the highest mean variance (the model's uncertainty).
 Pure numpy; the napari review widget shows them as a Points layer and jumps the camera to each in turn."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,9 +1,11 @@
 """Stacks (T, Z, ... leading axes) slice by slice, and instance labels from a binary mask. No Qt:
 shared by the napari widget and the CLI."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -72,8 +74,7 @@ def split_instances(mask, min_distance: int = MIN_DISTANCE) -> np.ndarray:
     return label_instances(mask, method="watershed", min_distance=min_distance)
 
 
-def segment_stack(data, rgb: bool, model, *, instances: bool = False,
-                  **engine_kwargs) -> Iterator[SliceProgress]:
+def segment_stack(data, rgb: bool, model, *, instances: bool = False, **engine_kwargs) -> Iterator[SliceProgress]:
     """Segment every 2-D (grey or RGB) plane of ``data`` with :func:`iter_segment`, yielding a
     :class:`SliceProgress` per tile; the generator *returns* a :class:`StackResult`.
 
@@ -108,8 +109,13 @@ def segment_stack(data, rgb: bool, model, *, instances: bool = False,
             labels[idx] = np.where(lab > 0, lab + (labels.max() if labels.size else 0), 0)
         infos.append(result.info)
     info = dict(infos[0])
-    info.update(seconds=round(sum(i["seconds"] for i in infos), 3), slices=n, instances=bool(instances),
-                tiles=sum(i["tiles"] for i in infos), skipped_tiles=sum(i.get("skipped_tiles", 0) for i in infos))
+    info.update(
+        seconds=round(sum(i["seconds"] for i in infos), 3),
+        slices=n,
+        instances=bool(instances),
+        tiles=sum(i["tiles"] for i in infos),
+        skipped_tiles=sum(i.get("skipped_tiles", 0) for i in infos),
+    )
     if instances:
         info["objects"] = int(labels.max())
     return StackResult(prob, var, mask, labels, info, mdl)

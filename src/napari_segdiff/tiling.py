@@ -12,10 +12,11 @@ i.e. the mean and variance of the mixture of all samples covering a pixel: the s
 the variance of the blended samples, with no seams. Rows are finalised as soon as no later window can
 touch them, so memory is one band of ``tile`` rows, never the whole image.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def taper_weights(tile: int, overlap_px: int, floor: float = 1e-3) -> np.ndarray
     if n > 0:
         r = 0.5 - 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)
         ramp[:n] = r
-        ramp[tile - n:] = r[::-1]
+        ramp[tile - n :] = r[::-1]
     ramp = np.maximum(ramp, floor)
     return np.outer(ramp, ramp).astype(np.float32)
 
@@ -85,8 +86,13 @@ class StreamingBlender:
     ``tile`` x ``W`` plus one window.
     """
 
-    def __init__(self, shape: tuple[int, int], tile: int, weights: np.ndarray,
-                 emit: Callable[[int, int, np.ndarray, np.ndarray], None]):
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        tile: int,
+        weights: np.ndarray,
+        emit: Callable[[int, int, np.ndarray, np.ndarray], None],
+    ):
         self.H, self.W = shape
         self.tile = tile
         self.weights = weights
@@ -129,8 +135,7 @@ class StreamingBlender:
         self._flush_to(self.H)
 
 
-def iter_windows(image, windows: list[Window], tile: int,
-                 span: int = 4096) -> Iterator[tuple[Window, np.ndarray]]:
+def iter_windows(image, windows: list[Window], tile: int, span: int = 4096) -> Iterator[tuple[Window, np.ndarray]]:
     """Read each window from a numpy/dask/zarr (H, W, C) array and pad it to a full tile.
 
     Consecutive windows of one row are read together, one block of at most ``max(span, tile)`` columns
@@ -140,12 +145,11 @@ def iter_windows(image, windows: list[Window], tile: int,
     while i < len(windows):
         first = windows[i]
         j = i + 1
-        while (j < len(windows) and windows[j].y == first.y
-               and windows[j].x + windows[j].w - first.x <= max(span, tile)):
+        while j < len(windows) and windows[j].y == first.y and windows[j].x + windows[j].w - first.x <= max(span, tile):
             j += 1
         group = windows[i:j]
         x1 = max(w.x + w.w for w in group)
-        block = np.asarray(image[first.y:first.y + first.h, first.x:x1])
+        block = np.asarray(image[first.y : first.y + first.h, first.x : x1])
         for win in group:
-            yield win, pad_to_tile(block[:, win.x - first.x:win.x - first.x + win.w], tile)
+            yield win, pad_to_tile(block[:, win.x - first.x : win.x - first.x + win.w], tile)
         i = j

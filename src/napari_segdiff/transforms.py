@@ -3,6 +3,7 @@
 ``as_hwc`` decides the layout (grey, RGB, RGBA, channel-first/last) without reading pixels; the
 intensity range is found once (streamed for lazy arrays) and every window is scaled with it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,7 @@ def _layout(image) -> da.Array:
     """(H, W, 1|3|4) lazy view of a supported image, or a SegDiffError that says what to do."""
     shape = tuple(getattr(image, "shape", ()))
     if not shape:
-        raise SegDiffError("image must be an array with a shape (numpy, dask or zarr); got "
-                           f"{type(image).__name__}")
+        raise SegDiffError(f"image must be an array with a shape (numpy, dask or zarr); got {type(image).__name__}")
     arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=_chunks(image))
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -46,16 +46,22 @@ def _layout(image) -> da.Array:
         if arr.shape[-1] not in (1, 3, 4):
             lead, last = shape[0], shape[-1]
             if last <= 16:  # channel-last with an unsupported number of channels
-                raise SegDiffError(f"image of shape {shape} has {last} channels; napari-segdiff takes grey (H, W), "
-                                   "RGB or RGBA (H, W, 3|4, or 3|4 first). Select one channel or merge channels "
-                                   "into RGB first.")
-            raise SegDiffError(f"image of shape {shape} is either a stack of {lead} 2-D slices or a {lead}-channel "
-                               "channel-first image; segment() takes one grey/RGB/RGBA image. For a stack, loop "
-                               "over the slices (the napari widget does this for you); for channels, "
-                               "select one or merge them into RGB.")
+                raise SegDiffError(
+                    f"image of shape {shape} has {last} channels; napari-segdiff takes grey (H, W), "
+                    "RGB or RGBA (H, W, 3|4, or 3|4 first). Select one channel or merge channels "
+                    "into RGB first."
+                )
+            raise SegDiffError(
+                f"image of shape {shape} is either a stack of {lead} 2-D slices or a {lead}-channel "
+                "channel-first image; segment() takes one grey/RGB/RGBA image. For a stack, loop "
+                "over the slices (the napari widget does this for you); for channels, "
+                "select one or merge them into RGB."
+            )
     else:
-        raise SegDiffError(f"image of shape {shape} is not a single 2-D image; segment() takes (H, W) or "
-                           "(H, W, C). For stacks loop over the leading axes (the napari widget does this for you).")
+        raise SegDiffError(
+            f"image of shape {shape} is not a single 2-D image; segment() takes (H, W) or "
+            "(H, W, C). For stacks loop over the leading axes (the napari widget does this for you)."
+        )
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise SegDiffError(f"image of shape {shape} is empty; it needs at least 1x1 pixels")
     if arr.dtype.kind not in "biuf":
@@ -96,8 +102,9 @@ def intensity_range(arr: da.Array) -> Intensity:
         return Intensity(0.0, 255.0)
     lo, hi = (float(v) for v in da.compute(arr.min(), arr.max()))
     if kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
-        raise SegDiffError("image contains NaN or infinite values; replace them first "
-                           "(e.g. numpy.nan_to_num(image)) or crop them away")
+        raise SegDiffError(
+            "image contains NaN or infinite values; replace them first (e.g. numpy.nan_to_num(image)) or crop them away"
+        )
     if kind in "iu":
         if lo < 0:
             return Intensity(lo, hi)

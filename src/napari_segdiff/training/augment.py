@@ -4,6 +4,7 @@ One affine warp per crop (rotation, scale, flips and crop position composed into
 image with bilinear and the mask with nearest interpolation, reflecting at the borders), then colour
 jitter on the image only. Presets follow the paper's section 5.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ AUGMENT_PRESETS = {
     "vaihingen": AugmentConfig((0, 360), (0.75, 1.5), True, True, 0.6, 0.5, 0.4, 0.025),
     # aerial tiles from places the model never saw: all rotations, scale 0.5-2x (pixel sizes differ),
     # strong colour jitter, gamma, blur/sharpen, JPEG and sensor noise
-    "aerial-shift": AugmentConfig((0, 360), (0.5, 2.0), True, True, 0.4, 0.4, 0.5, 0.05,
-                                  gamma=0.5, blur=0.25, sharpen=0.2, jpeg=0.3, noise=4.0),
+    "aerial-shift": AugmentConfig(
+        (0, 360), (0.5, 2.0), True, True, 0.4, 0.4, 0.5, 0.05, gamma=0.5, blur=0.25, sharpen=0.2, jpeg=0.3, noise=4.0
+    ),
     # Cityscapes (as [14]): scale 0.75-1.25, +-22 deg, horizontal flip
     "cityscapes": AugmentConfig((-22, 22), (0.75, 1.25), True, False),
     "none": AugmentConfig((0, 0), (1, 1), False, False),
@@ -54,8 +56,9 @@ def get_augment(name: str) -> AugmentConfig:
     return AUGMENT_PRESETS[name]
 
 
-def random_affine_crop(image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_affine_crop(
+    image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A ``size`` x ``size`` crop of a randomly rotated/scaled/flipped view; mask stays aligned."""
     H, W = mask.shape
     ang = np.deg2rad(rng.uniform(*aug.rotation))
@@ -71,8 +74,13 @@ def random_affine_crop(image: np.ndarray, mask: np.ndarray, size: int, aug: Augm
     cy = rng.uniform(min(ext[0], H / 2), max(H - ext[0], H / 2))
     cx = rng.uniform(min(ext[1], W / 2), max(W - ext[1], W / 2))
     offset = np.array([cy, cx]) - M @ np.array([half - 0.5, half - 0.5])
-    img = np.stack([ndimage.affine_transform(image[..., c].astype(np.float32), M, offset, (size, size),
-                                             order=1, mode="mirror") for c in range(image.shape[-1])], -1)
+    img = np.stack(
+        [
+            ndimage.affine_transform(image[..., c].astype(np.float32), M, offset, (size, size), order=1, mode="mirror")
+            for c in range(image.shape[-1])
+        ],
+        -1,
+    )
     msk = ndimage.affine_transform(mask.astype(np.uint8), M, offset, (size, size), order=0, mode="mirror") > 0
     return img, msk
 
@@ -127,8 +135,9 @@ def _hue_shift(x: np.ndarray, h: float) -> np.ndarray:
     return np.clip(x @ m.T, 0, 1)
 
 
-def augment_pair(image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment_pair(
+    image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     img, msk = random_affine_crop(image, mask, size, aug, rng)
     img = colour_jitter(img, aug, rng)
     if aug.gamma or aug.blur or aug.sharpen or aug.jpeg or aug.noise:

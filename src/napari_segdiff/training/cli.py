@@ -1,12 +1,13 @@
 """`napari-segdiff-train`: train, resume, export and evaluate SegDiff models.
 
-    napari-segdiff-train train --config training/nuclei-he/recipe.json [--key value ...]
-    napari-segdiff-train train --data DIR --preset cpu-small --out runs/x --net base_channels=48
-    napari-segdiff-train resume runs/x [--max-minutes 60]
-    napari-segdiff-train export runs/x --name my-model -o my-model.pt
-    napari-segdiff-train pack runs/x -o training/x/last.pt   (a smaller resumable copy to commit)
-    napari-segdiff-train eval --model my-model.pt --data DIR [--names a,b] [--samples 5 --steps 10]
+napari-segdiff-train train --config training/nuclei-he/recipe.json [--key value ...]
+napari-segdiff-train train --data DIR --preset cpu-small --out runs/x --net base_channels=48
+napari-segdiff-train resume runs/x [--max-minutes 60]
+napari-segdiff-train export runs/x --name my-model -o my-model.pt
+napari-segdiff-train pack runs/x -o training/x/last.pt   (a smaller resumable copy to commit)
+napari-segdiff-train eval --model my-model.pt --data DIR [--names a,b] [--samples 5 --steps 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,13 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=("net",)) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                       type=type(f.default) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) else str,
-                       help=f"(default {f.default!r})")
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            type=type(f.default) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) else str,
+            help=f"(default {f.default!r})",
+        )
 
 
 def _overrides(args) -> dict[str, Any]:
@@ -62,11 +67,15 @@ def cmd_train(args) -> int:
     d["net"] = {**d.get("net", {}), **_net_overrides(args.net)}
     cfg = TrainConfig.from_dict(d)
     if Path(cfg.out, "last.pt").exists():
-        raise SegDiffError(f"{cfg.out} already holds a run; continue it with `napari-segdiff-train resume {cfg.out}` "
-                           "or choose another --out")
+        raise SegDiffError(
+            f"{cfg.out} already holds a run; continue it with `napari-segdiff-train resume {cfg.out}` "
+            "or choose another --out"
+        )
     tr = Trainer(cfg)
-    print(f"training {cfg.preset} ({sum(p.numel() for p in tr.net.parameters()):,} parameters) on "
-          f"{len(tr.train_set)} images, validating on {len(tr.val_set)}; device {tr.device}; run dir {cfg.out}")
+    print(
+        f"training {cfg.preset} ({sum(p.numel() for p in tr.net.parameters()):,} parameters) on "
+        f"{len(tr.train_set)} images, validating on {len(tr.val_set)}; device {tr.device}; run dir {cfg.out}"
+    )
     res = tr.fit()
     print(f"stopped at step {res['step']}; best validation {cfg.select_metric} {res['best']:.4f}")
     return 0
@@ -83,24 +92,24 @@ def cmd_resume(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from .trainer import pack_checkpoint
-
     from ..io import check_file_output
+    from .trainer import pack_checkpoint
 
     src = Path(args.run) / "last.pt" if Path(args.run).is_dir() else Path(args.run)
     if not src.exists():
         raise SegDiffError(f"no checkpoint {str(src)!r}: give a run folder (with last.pt) or a checkpoint file")
     check_file_output(args.output, [src], args.overwrite, (".pt",))
     a, b = pack_checkpoint(src, args.output)
-    print(f"wrote {args.output}: {b / 2**20:.1f} MiB (from {a / 2**20:.1f} MiB); resume it by copying it to "
-          f"RUN/last.pt beside RUN/config.json")
+    print(
+        f"wrote {args.output}: {b / 2**20:.1f} MiB (from {a / 2**20:.1f} MiB); resume it by copying it to "
+        f"RUN/last.pt beside RUN/config.json"
+    )
     return 0
 
 
 def cmd_export(args) -> int:
-    from .trainer import export
-
     from ..models import WEIGHTS_DIR
+    from .trainer import export
 
     sampling = {"samples": args.samples, "steps": args.steps}
     tiling = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
@@ -123,8 +132,7 @@ def cmd_export(args) -> int:
         meta["pixel_unit"] = args.pixel_unit
     if args.description:
         meta["description"] = args.description
-    path, sha, half = export(args.run, out, args.name, checkpoint=args.checkpoint, sampling=sampling,
-                             extra_meta=meta)
+    path, sha, half = export(args.run, out, args.name, checkpoint=args.checkpoint, sampling=sampling, extra_meta=meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {'fp16' if half else 'fp32'})\nsha256 {sha}")
     if args.install:
         from ..models import register_model
@@ -137,11 +145,24 @@ def cmd_export(args) -> int:
 def cmd_finetune(args) -> int:
     from .finetune import finetune
 
-    res = finetune(args.model, args.data, args.output, minutes=args.minutes, steps=args.steps, names=args.names,
-                   name=args.name, overwrite=args.overwrite, seed=args.seed, threads=args.threads,
-                   progress=not args.quiet)
-    score = "" if res.base_score is None else \
-        f"; validation {res.best_score:.4f} (base model {res.base_score:.4f}) on {len(res.val_images)} images"
+    res = finetune(
+        args.model,
+        args.data,
+        args.output,
+        minutes=args.minutes,
+        steps=args.steps,
+        names=args.names,
+        name=args.name,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    score = (
+        ""
+        if res.base_score is None
+        else f"; validation {res.best_score:.4f} (base model {res.base_score:.4f}) on {len(res.val_images)} images"
+    )
     print(f"wrote {res.path} ({res.steps} steps, {res.minutes:.1f} min, kept the {res.kept} state{score})")
     if res.name:
         print(f"registered user model {res.name!r}: use it by name in segment(), the CLI and the napari widget")
@@ -151,15 +172,26 @@ def cmd_finetune(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_folder
 
-    evaluate_folder(args.model, args.data, fmt=args.format, names=args.names, samples=args.samples,
-                    steps=args.steps, seed=args.seed, overlap=args.overlap, out_json=args.json,
-                    device=args.device, precision=args.precision)
+    evaluate_folder(
+        args.model,
+        args.data,
+        fmt=args.format,
+        names=args.names,
+        samples=args.samples,
+        steps=args.steps,
+        seed=args.seed,
+        overlap=args.overlap,
+        out_json=args.json,
+        device=args.device,
+        precision=args.precision,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="napari-segdiff-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="napari-segdiff-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="start a training run")
@@ -169,14 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("resume", help="continue a run exactly where its last checkpoint left it")
     r.add_argument("run")
-    for k in ("max_steps", "max_minutes", "val_every", "val_samples", "val_steps", "val_tile", "ckpt_every",
-              "device", "threads", "data", "amp", "lr", "lr_decay_start", "lr_min"):
+    for k in (
+        "max_steps",
+        "max_minutes",
+        "val_every",
+        "val_samples",
+        "val_steps",
+        "val_tile",
+        "ckpt_every",
+        "device",
+        "threads",
+        "data",
+        "amp",
+        "lr",
+        "lr_decay_start",
+        "lr_min",
+    ):
         f = {f.name: f for f in dataclasses.fields(TrainConfig)}[k]
-        r.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
-                       type=type(f.default) if not isinstance(f.default, str) else str)
+        r.add_argument(
+            f"--{k.replace('_', '-')}",
+            dest=k,
+            default=None,
+            type=type(f.default) if not isinstance(f.default, str) else str,
+        )
     r.set_defaults(func=cmd_resume)
-    k = sub.add_parser("pack", help="a smaller resumable copy of a run's last.pt (float16 EMA, bfloat16 Adam "
-                                    "moments) to keep between sessions")
+    k = sub.add_parser(
+        "pack",
+        help="a smaller resumable copy of a run's last.pt (float16 EMA, bfloat16 Adam "
+        "moments) to keep between sessions",
+    )
     k.add_argument("run", help="a run folder (its last.pt) or a checkpoint file")
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -191,19 +244,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--description")
     e.add_argument("--tile", type=int, default=None, help="recommended tile stored in the file")
     e.add_argument("--overlap", type=float, default=None, help="recommended overlap stored in the file")
-    e.add_argument("--pixel-size", dest="pixel_size", type=float, default=None,
-                   help="the pixel size the model was trained at (recorded in the file; segment() resamples to it)")
+    e.add_argument(
+        "--pixel-size",
+        dest="pixel_size",
+        type=float,
+        default=None,
+        help="the pixel size the model was trained at (recorded in the file; segment() resamples to it)",
+    )
     e.add_argument("--pixel-unit", dest="pixel_unit", default="um", help="unit of --pixel-size: um or m (default um)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    e.add_argument("--install", action="store_true",
-                   help="developers: write into the package's weights/ folder and register it by name")
+    e.add_argument(
+        "--install",
+        action="store_true",
+        help="developers: write into the package's weights/ folder and register it by name",
+    )
     e.set_defaults(func=cmd_export)
-    f = sub.add_parser("finetune", help="adapt a trained model to your own images in minutes",
-                       description="napari-segdiff-train finetune --model NAME|FILE --data DIR [--names FILE] "
-                                   "(--minutes M | --steps S) -o OUT.pt [--name NAME]")
+    f = sub.add_parser(
+        "finetune",
+        help="adapt a trained model to your own images in minutes",
+        description="napari-segdiff-train finetune --model NAME|FILE --data DIR [--names FILE] "
+        "(--minutes M | --steps S) -o OUT.pt [--name NAME]",
+    )
     f.add_argument("--model", required=True, help="the model to start from: a shipped or user model name, or a file")
-    f.add_argument("--data", required=True, help="a folder with images/ and masks/ (same file names; a mask may be "
-                                                 "0/255, 0/1 or instance labels)")
+    f.add_argument(
+        "--data",
+        required=True,
+        help="a folder with images/ and masks/ (same file names; a mask may be 0/255, 0/1 or instance labels)",
+    )
     f.add_argument("--names", default=None, help="a file listing the image names to use (or comma-separated names)")
     budget = f.add_mutually_exclusive_group(required=True)
     budget.add_argument("--minutes", type=float, help="wall-clock budget")
@@ -225,8 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--overlap", type=float, default=None)
     v.add_argument("--device", default="auto")
-    v.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto (what segment() uses on this machine: bf16 where the CPU has it natively), fp32 or bf16")
+    v.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto (what segment() uses on this machine: bf16 where the CPU has it natively), fp32 or bf16",
+    )
     v.add_argument("--json", default=None, help="write the report here (default: next to nothing, print only)")
     v.set_defaults(func=cmd_eval)
     return p

@@ -1,5 +1,6 @@
 """Training data layouts: a folder of images/ + masks/, the original MoNuSeg release (tif + XML
 polygons) and the Vaihingen building layout. All load into memory as (RGB uint8, bool mask) pairs."""
+
 from __future__ import annotations
 
 import re
@@ -53,9 +54,11 @@ def load_folder(root: str | Path) -> list[Sample]:
     imgs, masks = _stems(root / "images"), _stems(root / "masks")
     missing = sorted(set(imgs) - set(masks))
     if missing:
-        raise SegDiffError(f"{len(missing)} images in {root/'images'} have no mask in {root/'masks'}, e.g. {missing[:3]}")
+        raise SegDiffError(
+            f"{len(missing)} images in {root / 'images'} have no mask in {root / 'masks'}, e.g. {missing[:3]}"
+        )
     if not imgs:
-        raise SegDiffError(f"no images found in {root/'images'} ({', '.join(IMAGE_EXT)})")
+        raise SegDiffError(f"no images found in {root / 'images'} ({', '.join(IMAGE_EXT)})")
     out = []
     for name, p in imgs.items():
         img, m = _rgb_uint8(read_image(p)), _binary(read_image(masks[name]), name)
@@ -135,7 +138,9 @@ def load_dataset(root: str | Path, fmt: str = "folder") -> list[Sample]:
     raise SegDiffError(f"unknown dataset format {fmt!r}; use folder, monuseg or vaihingen")
 
 
-def split_samples(samples: list[Sample], val: str | float | list[str], seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+def split_samples(
+    samples: list[Sample], val: str | float | list[str], seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
     """Hold out a validation split: a list of names (or a file listing them) or a fraction chosen
     reproducibly from ``seed``."""
     names = [s.name for s in samples]

@@ -1,9 +1,9 @@
 """Evaluate a model on a folder with the same tiling and sampling users get; per image and mean."""
+
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -15,8 +15,18 @@ from .metrics import all_metrics
 METRICS = ("dice", "iou", "wcov", "boundf", "calibration", "ece")
 
 
-def evaluate_samples(model, samples, *, samples_n=None, steps="default", seed=0, overlap=None, device="auto",
-                     precision="auto", verbose=True) -> dict:
+def evaluate_samples(
+    model,
+    samples,
+    *,
+    samples_n=None,
+    steps="default",
+    seed=0,
+    overlap=None,
+    device="auto",
+    precision="auto",
+    verbose=True,
+) -> dict:
     mdl = load_model(model, device="cpu") if not hasattr(model, "net") else model
     rows = []
     settings = None
@@ -33,8 +43,21 @@ def evaluate_samples(model, samples, *, samples_n=None, steps="default", seed=0,
         m = all_metrics(r.probability, s.mask)
         m["seconds"] = r.info["seconds"]
         rows.append({"image": s.name, **m})
-        settings = {k: r.info[k] for k in ("model", "sha256", "samples", "steps", "sampler", "seed", "tile",
-                                           "overlap", "device", "precision")}
+        settings = {
+            k: r.info[k]
+            for k in (
+                "model",
+                "sha256",
+                "samples",
+                "steps",
+                "sampler",
+                "seed",
+                "tile",
+                "overlap",
+                "device",
+                "precision",
+            )
+        }
         if verbose:
             print(f"{s.name:40s} " + " ".join(f"{k} {m[k]:.4f}" for k in METRICS))
     mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS + ("seconds",)}
@@ -43,13 +66,32 @@ def evaluate_samples(model, samples, *, samples_n=None, steps="default", seed=0,
     return {"settings": settings, "mean": mean, "images": rows, "wall_seconds": time.perf_counter() - t0}
 
 
-def evaluate_folder(model, data, fmt="folder", names=None, samples=None, steps=None, seed=0, overlap=None,
-                    out_json=None, device="auto", precision="auto") -> dict:
+def evaluate_folder(
+    model,
+    data,
+    fmt="folder",
+    names=None,
+    samples=None,
+    steps=None,
+    seed=0,
+    overlap=None,
+    out_json=None,
+    device="auto",
+    precision="auto",
+) -> dict:
     data_samples = load_dataset(data, fmt)
     if names:
         _, data_samples = split_samples(data_samples, names)
-    report = evaluate_samples(model, data_samples, samples_n=samples, steps=steps if steps is not None else "default",
-                              seed=seed, overlap=overlap, device=device, precision=precision)
+    report = evaluate_samples(
+        model,
+        data_samples,
+        samples_n=samples,
+        steps=steps if steps is not None else "default",
+        seed=seed,
+        overlap=overlap,
+        device=device,
+        precision=precision,
+    )
     report["data"] = str(data)
     if out_json:
         atomic_write_bytes(out_json, lambda f: f.write(json.dumps(report, indent=2).encode()))

@@ -5,14 +5,16 @@ trains on random crops of the user's images with a learning rate suited to fine-
 validation share when there are at least four images (scored before the first step too, so a run that does
 not help returns the base model's weights), and writes a model file that records where it came from.
 """
+
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,10 +71,24 @@ def _names(names) -> list[str] | None:
     return [n for n in str(names).split(",") if n]
 
 
-def finetune(model, data: str | Path, out: str | Path, *, minutes: float | None = None, steps: int | None = None,
-             names=None, name: str | None = None, overwrite: bool = False, seed: int = 0, threads: int = 0,
-             select_metric: str | None = None, on_step: Callable[[Trainer, dict], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, progress: bool = True, samples=None) -> FinetuneResult:
+def finetune(
+    model,
+    data: str | Path,
+    out: str | Path,
+    *,
+    minutes: float | None = None,
+    steps: int | None = None,
+    names=None,
+    name: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    threads: int = 0,
+    select_metric: str | None = None,
+    on_step: Callable[[Trainer, dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = True,
+    samples=None,
+) -> FinetuneResult:
     """Fine-tune ``model`` (shipped name or file) on ``data`` (``images/`` + ``masks/``) for ``minutes`` or
     ``steps``; write the model file ``out`` and, with ``name``, register it as a user model. ``samples``:
     already-loaded :class:`Sample` pairs instead of ``data`` (the napari widget passes its layers so)."""
@@ -121,13 +137,28 @@ def finetune(model, data: str | Path, out: str | Path, *, minutes: float | None 
         if isinstance(model, SegDiffModel):  # an in-memory model (the napari widget): through a file
             init = str(run / "base.pt")
             save_model(model, init, half=False, meta=model.meta)
-        cfg = TrainConfig(data=str(data or ""), init=init, val=",".join(val_names) or "none",
-                          augment=_augment_for(base.meta), crop=base.config.image_size, batch_size=BATCH, lr=LR,
-                          warmup_steps=10, max_steps=int(steps) if steps else 10**7,
-                          max_minutes=float(minutes) if minutes else 0.0, ema_decay=0.99,
-                          val_every=VAL_EVERY if val_names else 10**7, val_samples=1, val_steps=2,
-                          val_tile=_val_tile(base), select_metric=metric, ckpt_every=10**7, seed=seed,
-                          threads=threads, out=str(run))
+        cfg = TrainConfig(
+            data=str(data or ""),
+            init=init,
+            val=",".join(val_names) or "none",
+            augment=_augment_for(base.meta),
+            crop=base.config.image_size,
+            batch_size=BATCH,
+            lr=LR,
+            warmup_steps=10,
+            max_steps=int(steps) if steps else 10**7,
+            max_minutes=float(minutes) if minutes else 0.0,
+            ema_decay=0.99,
+            val_every=VAL_EVERY if val_names else 10**7,
+            val_samples=1,
+            val_steps=2,
+            val_tile=_val_tile(base),
+            select_metric=metric,
+            ckpt_every=10**7,
+            seed=seed,
+            threads=threads,
+            out=str(run),
+        )
         tr = Trainer(cfg, samples=samples)
         base_score = None
         if val_names:  # the base model's own score: fine-tuning must beat it to be kept
@@ -149,18 +180,45 @@ def finetune(model, data: str | Path, out: str | Path, *, minutes: float | None 
         took = (time.time() - t0) / 60
         ck = "best.pt" if val_names and (run / "best.pt").exists() else "last.pt"
         kept = "last" if ck == "last.pt" else ("base" if base_score is not None and tr.best <= base_score else "best")
-        meta = {"base_model": {"name": base.name, "sha256": base.sha256}, "finetune": {
-            "steps": tr.step, "minutes": round(took, 2), "train_images": [s.name for s in tr.train_set],
-            "val_images": val_names, "data": str(data or "napari layers"), "kept": kept,
-            "base_score": base_score, "best_score": tr.best if val_names else None, "select_metric": metric}}
+        meta = {
+            "base_model": {"name": base.name, "sha256": base.sha256},
+            "finetune": {
+                "steps": tr.step,
+                "minutes": round(took, 2),
+                "train_images": [s.name for s in tr.train_set],
+                "val_images": val_names,
+                "data": str(data or "napari layers"),
+                "kept": kept,
+                "base_score": base_score,
+                "best_score": tr.best if val_names else None,
+                "select_metric": metric,
+            },
+        }
         for k in ("pixel_size", "pixel_unit", "instances", "tiling", "augment"):
             if k in base.meta:
                 meta[k] = base.meta[k]
-        path, sha, _half = export(run, out, name or out.stem, checkpoint=ck, sampling=base.meta.get("sampling"),
-                                  extra_meta={**meta, "description": f"fine-tuned from {base.name}"})
+        path, sha, _half = export(
+            run,
+            out,
+            name or out.stem,
+            checkpoint=ck,
+            sampling=base.meta.get("sampling"),
+            extra_meta={**meta, "description": f"fine-tuned from {base.name}"},
+        )
         if name is not None:
             register_user_model(name, path, sha256_of(path), f"fine-tuned from {base.name}", overwrite=overwrite)
-        return FinetuneResult(path, sha, tr.step, took, base_score, tr.best if val_names else None, kept, cancelled,
-                              [s.name for s in tr.train_set], val_names, name)
+        return FinetuneResult(
+            path,
+            sha,
+            tr.step,
+            took,
+            base_score,
+            tr.best if val_names else None,
+            kept,
+            cancelled,
+            [s.name for s in tr.train_set],
+            val_names,
+            name,
+        )
     finally:
         shutil.rmtree(run, ignore_errors=True)

@@ -3,6 +3,7 @@
 Dice/F1 and IoU (MoNuSeg, Vaihingen), WCov and BoundF (Vaihingen, as in DARNet), the paper's
 calibration score and the expected calibration error. Empty-vs-empty counts as a perfect score.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -91,8 +92,14 @@ def ece(prob: np.ndarray, gt: np.ndarray, n_bins: int = 10) -> float:
 
 def all_metrics(prob: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     pred = prob > threshold
-    return {"dice": dice(pred, gt), "iou": iou(pred, gt), "wcov": wcov(pred, gt),
-            "boundf": boundary_f(pred, gt), "calibration": calibration_score(prob, gt), "ece": ece(prob, gt)}
+    return {
+        "dice": dice(pred, gt),
+        "iou": iou(pred, gt),
+        "wcov": wcov(pred, gt),
+        "boundf": boundary_f(pred, gt),
+        "calibration": calibration_score(prob, gt),
+        "ece": ece(prob, gt),
+    }
 
 
 # ------------------------------------------------------------------ objects (instance labels)
@@ -159,8 +166,15 @@ def object_scores(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     else:
         dq = tp / (tp + 0.5 * fp + 0.5 * fn)
         sq = float(tp_iou.mean()) if tp else 0.0
-    return {"pq": dq * sq, "dq": dq, "sq": sq, "f1_50": dq, "count_error": float(n_pred - n_gt),
-            "n_true": float(n_gt), "n_pred": float(n_pred)}
+    return {
+        "pq": dq * sq,
+        "dq": dq,
+        "sq": sq,
+        "f1_50": dq,
+        "count_error": float(n_pred - n_gt),
+        "n_true": float(n_gt),
+        "n_pred": float(n_pred),
+    }
 
 
 def instance_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:

@@ -1,4 +1,5 @@
 """Training curves from log.csv as a PNG (matplotlib, Agg backend, written atomically)."""
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,8 @@ def plot_log(log_csv: str | Path, out_png: str | Path) -> None:
     a.plot(steps, loss, lw=0.5, alpha=0.4, label="loss")
     k = 50
     if len(loss) > k:
-        sm = [sum(loss[i - k:i]) / k for i in range(k, len(loss) + 1)]
-        a.plot(steps[k - 1:], sm, label=f"loss (mean of {k})")
+        sm = [sum(loss[i - k : i]) / k for i in range(k, len(loss) + 1)]
+        a.plot(steps[k - 1 :], sm, label=f"loss (mean of {k})")
     a.set_yscale("log")
     a.set_xlabel("step")
     a.legend()

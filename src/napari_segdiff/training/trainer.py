@@ -1,6 +1,7 @@
 """The SegDiff trainer: AdamW, EMA, warm-up, gradient accumulation, validation with the user-facing
 engine, atomic checkpoints (last + best) and exact resume (model, EMA, optimizer, step, RNG states).
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,7 +27,6 @@ from ..network import SegDiffNet, count_parameters
 from .augment import augment_pair, get_augment
 from .datasets import Sample, load_dataset, split_samples
 from .metrics import all_metrics
-
 
 #: validation metrics the trainer can select checkpoints by, with their direction (+1: higher is better)
 METRIC_DIRECTION = {"dice": 1, "iou": 1, "wcov": 1, "boundf": 1, "calibration": -1, "ece": -1, "loss": -1}
@@ -72,17 +72,35 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.select_metric not in METRIC_DIRECTION:
-            raise SegDiffError(f"select_metric must be one of {', '.join(METRIC_DIRECTION)}, got {self.select_metric!r}")
+            raise SegDiffError(
+                f"select_metric must be one of {', '.join(METRIC_DIRECTION)}, got {self.select_metric!r}"
+            )
         if self.amp not in ("none", "bf16", "fp16"):
             raise SegDiffError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
-        for k in ("crop", "batch_size", "grad_accum", "max_steps", "val_every", "ckpt_every", "val_samples",
-                  "val_steps", "val_tile", "warmup_steps"):
+        for k in (
+            "crop",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "val_every",
+            "ckpt_every",
+            "val_samples",
+            "val_steps",
+            "val_tile",
+            "warmup_steps",
+        ):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < (0 if k == "warmup_steps" else 1):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, np.integer))
+                or int(v) < (0 if k == "warmup_steps" else 1)
+            ):
                 raise SegDiffError(f"{k} must be an integer >= {0 if k == 'warmup_steps' else 1}, got {v!r}")
         if not 0 <= self.lr_decay_start < self.max_steps:
-            raise SegDiffError(f"lr_decay_start must be in [0, max_steps={self.max_steps}), got {self.lr_decay_start} "
-                               f"(0 keeps the learning rate constant)")
+            raise SegDiffError(
+                f"lr_decay_start must be in [0, max_steps={self.max_steps}), got {self.lr_decay_start} "
+                f"(0 keeps the learning rate constant)"
+            )
         if not 0 <= self.lr_min <= self.lr:
             raise SegDiffError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min}")
 
@@ -93,8 +111,10 @@ class TrainConfig:
             cfg = load_model(self.init).config
             clash = {k: v for k, v in self.net.items() if getattr(cfg, k, None) != v}
             if clash:
-                raise SegDiffError(f"net overrides {clash} disagree with the network of init model {self.init!r}; "
-                                   "a warm start keeps the model's network: drop them or drop init")
+                raise SegDiffError(
+                    f"net overrides {clash} disagree with the network of init model {self.init!r}; "
+                    "a warm start keeps the model's network: drop them or drop init"
+                )
             return cfg
         if not isinstance(self.net, dict):
             raise SegDiffError(f"net must be a mapping of network settings, got {self.net!r}")
@@ -108,7 +128,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -126,8 +146,9 @@ def rescale_sample(s: Sample, scale: float) -> Sample:
     mode = "area" if scale < 1 else "bilinear"
     img = Fn.interpolate(torch.from_numpy(np.moveaxis(s.image, -1, 0)[None].astype(np.float32)), size=size, mode=mode)
     m = Fn.interpolate(torch.from_numpy(s.mask[None, None].astype(np.float32)), size=size, mode=mode)
-    return Sample(s.name, np.clip(np.moveaxis(img[0].numpy(), 0, -1) + 0.5, 0, 255).astype(np.uint8),
-                  m[0, 0].numpy() > 0.5)
+    return Sample(
+        s.name, np.clip(np.moveaxis(img[0].numpy(), 0, -1) + 0.5, 0, 255).astype(np.uint8), m[0, 0].numpy() > 0.5
+    )
 
 
 def _save_json(path: Path, obj) -> None:
@@ -149,12 +170,16 @@ class Trainer:
             raise SegDiffError(f"crop {cfg.crop} must be a multiple of {f}")
         side = round(cfg.val_tile * self.net_cfg.input_scale)
         if side % f or side < f:
-            raise SegDiffError(f"val_tile {cfg.val_tile} must be a multiple of {f / self.net_cfg.input_scale:g} (the "
-                               f"network's downsampling factor {f} at input scale {self.net_cfg.input_scale}), e.g. "
-                               f"{max(f, int(round(side / f)) * f) / self.net_cfg.input_scale:g}")
+            raise SegDiffError(
+                f"val_tile {cfg.val_tile} must be a multiple of {f / self.net_cfg.input_scale:g} (the "
+                f"network's downsampling factor {f} at input scale {self.net_cfg.input_scale}), e.g. "
+                f"{max(f, int(round(side / f)) * f) / self.net_cfg.input_scale:g}"
+            )
         if cfg.val_steps > self.net_cfg.diffusion_steps:
-            raise SegDiffError(f"val_steps must be at most the model's {self.net_cfg.diffusion_steps} diffusion steps, "
-                               f"got {cfg.val_steps}")
+            raise SegDiffError(
+                f"val_steps must be at most the model's {self.net_cfg.diffusion_steps} diffusion steps, "
+                f"got {cfg.val_steps}"
+            )
         samples = samples if samples is not None else load_dataset(cfg.data, cfg.format)
         self.train_set, self.val_set = split_samples(samples, cfg.val, cfg.seed)
         # the network works at input_scale: train on resized images; validation goes through the
@@ -181,10 +206,16 @@ class Trainer:
     # ------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-            "step": self.step, "best": self.best, "np_rng": self.rng.bit_generator.state,
-            "gen_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "config": self.cfg.to_dict(), "net_config": self.net_cfg.to_dict(),
+            "model": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "best": self.best,
+            "np_rng": self.rng.bit_generator.state,
+            "gen_rng": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.to_dict(),
+            "net_config": self.net_cfg.to_dict(),
         }
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -203,7 +234,7 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, run_dir: str | Path, samples: list[Sample] | None = None, **overrides) -> "Trainer":
+    def resume(cls, run_dir: str | Path, samples: list[Sample] | None = None, **overrides) -> Trainer:
         run_dir = Path(run_dir)
         ck = run_dir / "last.pt"
         if not ck.exists():
@@ -212,8 +243,10 @@ class Trainer:
             st = torch.load(ck, map_location="cpu", weights_only=True)
             d = dict(st["config"])
         except Exception as e:  # truncated, corrupt, or not a checkpoint
-            raise SegDiffError(f"{ck} could not be read as a training checkpoint ({type(e).__name__}); if the run "
-                               f"was killed while writing it, best.pt beside it or a packed copy may still be good") from None
+            raise SegDiffError(
+                f"{ck} could not be read as a training checkpoint ({type(e).__name__}); if the run "
+                f"was killed while writing it, best.pt beside it or a packed copy may still be good"
+            ) from None
         d.update(overrides)
         d["out"] = str(run_dir)
         tr = cls(TrainConfig.from_dict(d), samples)
@@ -229,8 +262,10 @@ class Trainer:
             img, m = augment_pair(s.image, s.mask, c.crop, self.aug, self.rng)
             imgs.append(np.moveaxis(img, -1, 0) / 127.5 - 1.0)
             masks.append(m[None].astype(np.float32) * 2.0 - 1.0)  # masks live in [-1, 1]
-        return (torch.from_numpy(np.stack(imgs).astype(np.float32)).to(self.device),
-                torch.from_numpy(np.stack(masks)).to(self.device))
+        return (
+            torch.from_numpy(np.stack(imgs).astype(np.float32)).to(self.device),
+            torch.from_numpy(np.stack(masks)).to(self.device),
+        )
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
@@ -252,7 +287,11 @@ class Trainer:
             img, x0 = self.make_batch()
             ctx = torch.autocast(self.device.type, dtype=amp) if amp else torch.autocast("cpu", enabled=False)
             with ctx:
-                loss = self.diffusion.training_loss(lambda x, t: self.net(x, t, image=img), x0, generator=self.gen)
+
+                def model_fn(x, t, img=img):
+                    return self.net(x, t, image=img)
+
+                loss = self.diffusion.training_loss(model_fn, x0, generator=self.gen)
             (loss / c.grad_accum).backward()
             total += float(loss.detach()) / c.grad_accum
         if c.grad_clip:
@@ -275,8 +314,16 @@ class Trainer:
         model = SegDiffModel(net or self.ema, self.diffusion, name="validation")
         rows = []
         for s in self.val_set:
-            r = segment(s.image, model, samples=c.val_samples, steps=min(c.val_steps, self.diffusion.T),
-                        seed=c.seed, tile=c.val_tile, overlap=0.0, device=str(self.device))
+            r = segment(
+                s.image,
+                model,
+                samples=c.val_samples,
+                steps=min(c.val_steps, self.diffusion.T),
+                seed=c.seed,
+                tile=c.val_tile,
+                overlap=0.0,
+                device=str(self.device),
+            )
             rows.append(all_metrics(r.probability, s.mask))
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
@@ -292,8 +339,18 @@ class Trainer:
     # ------------------------------------------------------------ loop
     def _log(self, row: dict[str, Any]) -> None:
         path = self.out / "log.csv"
-        fields = ["step", "time", "loss", "lr", "val_dice", "val_iou", "val_wcov", "val_boundf",
-                  "val_calibration", "val_ece"]
+        fields = [
+            "step",
+            "time",
+            "loss",
+            "lr",
+            "val_dice",
+            "val_iou",
+            "val_wcov",
+            "val_boundf",
+            "val_calibration",
+            "val_ece",
+        ]
         new = not path.exists()
         with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -329,10 +386,16 @@ class Trainer:
     def fit(self, progress: bool = True, on_step=None) -> dict[str, Any]:
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        _save_json(self.out / "config.json", {**c.to_dict(), "network": self.net_cfg.to_dict(),
-                                               "train_images": [s.name for s in self.train_set],
-                                               "val_images": [s.name for s in self.val_set],
-                                               "parameters": count_parameters(self.net)})
+        _save_json(
+            self.out / "config.json",
+            {
+                **c.to_dict(),
+                "network": self.net_cfg.to_dict(),
+                "train_images": [s.name for s in self.train_set],
+                "val_images": [s.name for s in self.val_set],
+                "parameters": count_parameters(self.net),
+            },
+        )
         self._truncate_log()
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -351,8 +414,12 @@ class Trainer:
             while self.step < c.max_steps and not self._stop:
                 loss = self.train_step()
                 loss_ema = loss if loss_ema is None else 0.98 * loss_ema + 0.02 * loss
-                row: dict[str, Any] = {"step": self.step, "time": round(time.time() - t0, 2), "loss": loss,
-                                       "lr": self.lr_at(self.step - 1)}
+                row: dict[str, Any] = {
+                    "step": self.step,
+                    "time": round(time.time() - t0, 2),
+                    "loss": loss,
+                    "lr": self.lr_at(self.step - 1),
+                }
                 out_of_time = bool(c.max_minutes and (time.time() - t0) / 60 > c.max_minutes)
                 if self.step % c.val_every == 0 or self.step == c.max_steps or out_of_time:
                     metrics = self.validate()
@@ -396,8 +463,9 @@ def pack_checkpoint(src: str | Path, dst: str | Path) -> tuple[int, int]:
     try:
         st = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or holding code
-        raise SegDiffError(f"{src} could not be read as a training checkpoint ({type(e).__name__}); "
-                           f"give a run folder or its last.pt") from None
+        raise SegDiffError(
+            f"{src} could not be read as a training checkpoint ({type(e).__name__}); give a run folder or its last.pt"
+        ) from None
     if not isinstance(st, dict) or not {"model", "ema", "opt", "step"} <= set(st):
         raise SegDiffError(f"{src} is not a training checkpoint (last.pt or best.pt of a run)")
     st["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in st["ema"].items()}
@@ -410,8 +478,14 @@ def pack_checkpoint(src: str | Path, dst: str | Path) -> tuple[int, int]:
     return src.stat().st_size, dst.stat().st_size
 
 
-def export(run_dir: str | Path, out: str | Path, name: str, checkpoint: str = "best.pt",
-           sampling: dict[str, Any] | None = None, extra_meta: dict[str, Any] | None = None) -> tuple[Path, str, bool]:
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    name: str,
+    checkpoint: str = "best.pt",
+    sampling: dict[str, Any] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> tuple[Path, str, bool]:
     """The EMA weights of a checkpoint as a small inference file. fp16 when its outputs stay within
     1e-2 of fp32 on a probe input, else fp32. Returns (path, sha256, half)."""
     run_dir = Path(run_dir)
@@ -433,7 +507,13 @@ def export(run_dir: str | Path, out: str | Path, name: str, checkpoint: str = "b
     with torch.no_grad():
         err = float((net(x, t, image=img) - half_net(x, t, image=img)).abs().max())
     half = err < 1e-2
-    meta = {"name": name, "train_step": int(st["step"]), "best_val": float(st["best"]),
-            "fp16_max_abs_error": err, "sampling": sampling or {}, **(extra_meta or {})}
+    meta = {
+        "name": name,
+        "train_step": int(st["step"]),
+        "best_val": float(st["best"]),
+        "fp16_max_abs_error": err,
+        "sampling": sampling or {},
+        **(extra_meta or {}),
+    }
     sha = save_model(net, out, half=half, meta=meta)
     return Path(out), sha, half
