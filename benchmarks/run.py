@@ -41,10 +41,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reference_sampler import reference_tile_sample
 
 import napari_segdiff as ns
 from napari_segdiff.config import SamplingConfig, get_preset
-from napari_segdiff.engine import TileSampler, reference_tile_sample
+from napari_segdiff.engine import TileSampler
 from napari_segdiff.models import SegDiffModel, list_models
 from napari_segdiff.network import count_parameters
 
@@ -90,7 +91,6 @@ def bench_tile(model: SegDiffModel, samples: int, steps: int, tile: int, label: 
         t0 = time.perf_counter()
         m2, _ = fast(img.numpy(), [0], seed=0)
         t_fast = time.perf_counter() - t0
-    model.net.to(memory_format=torch.contiguous_format)
     return {
         "model": label,
         "tile": tile,

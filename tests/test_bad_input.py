@@ -344,7 +344,7 @@ def test_full_disk_keeps_previous_output(model, tmp_path, monkeypatch):
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from napari_segdiff.models import atomic_write_bytes
+    from napari_segdiff.io import atomic_write_bytes
 
     path = tmp_path / "last.pt"
     atomic_write_bytes(path, lambda f: f.write(b"good checkpoint"))

@@ -53,7 +53,8 @@ def test_encoder_runs_once_per_tile_and_samples_run_as_one_batch(image):
     m.net.F.register_forward_hook(lambda mod, inp, out: f_batches.append(int(inp[0].shape[0])))
     n_tiles = len(window_grid(image.shape[:2], 32, 24))
     assert n_tiles == 12
-    r = segment(image, m, samples=4, steps=3, batch_size=5, seed=0, **KW)
+    # contiguous: the sampler then runs this very network (channels-last runs a copy), so the hooks see it
+    r = segment(image, m, samples=4, steps=3, batch_size=5, seed=0, channels_last=False, **KW)
     assert counter.batches == [5, 5, 2]  # G: once per batch of tiles, i.e. once per tile
     assert sum(counter.batches) == n_tiles == r.info["encoder_evaluations"] == r.info["tiles"]
     # every network evaluation carries all samples of all tiles of the batch: 3 steps per batch

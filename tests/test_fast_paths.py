@@ -4,10 +4,11 @@ straightforward Algorithm 1 (G(I) in every call, one sample after another)."""
 import numpy as np
 import pytest
 import torch
+from reference_sampler import reference_tile_sample
 
 import napari_segdiff as ns
 from napari_segdiff.config import SamplingConfig
-from napari_segdiff.engine import TileSampler, reference_tile_sample
+from napari_segdiff.engine import TileSampler
 
 
 @pytest.fixture
@@ -44,17 +45,18 @@ def test_bf16_autocast_mask_agreement(model):
 
 def test_channels_last_matches_contiguous(model):
     """The CPU default (channels-last convolutions) gives the contiguous layout's result to float rounding,
-    and the conversion leaves the model's values untouched."""
+    on the sampler's own copy: the caller's model keeps its values and its layout."""
     img = np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
     kw = dict(samples=3, steps=3, tile=32, seed=0, precision="fp32")
     a = ns.segment(img, model, channels_last=False, **kw)
     b = ns.segment(img, model, channels_last=True, **kw)
-    conv_w = next(p for p in model.net.parameters() if p.dim() == 4)
-    assert conv_w.is_contiguous(memory_format=torch.channels_last)  # the fast layout was really used
+    runner = TileSampler(model, SamplingConfig(samples=1), torch.device("cpu"), channels_last=True)
+    conv_w = next(p for p in runner.net.parameters() if p.dim() == 4)
+    assert conv_w.is_contiguous(memory_format=torch.channels_last)  # the fast layout is what runs
+    assert next(p for p in model.net.parameters() if p.dim() == 4).is_contiguous()  # the caller's is untouched
     assert 0.02 < a.mask.mean() < 0.98
     np.testing.assert_allclose(a.probability, b.probability, atol=1e-4)
     np.testing.assert_allclose(a.variance, b.variance, atol=1e-4)
     for k, v in model.net.state_dict().items():
         assert torch.equal(v, before[k]), k
-    model.net.to(memory_format=torch.contiguous_format)

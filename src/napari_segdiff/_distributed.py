@@ -9,33 +9,13 @@ tile, so the result equals a single-process run with the same seed.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import deque
 
 import numpy as np
-import torch
 
 from .transforms import to_chw
 
 _WORKER_CACHE: dict[str, object] = {}
-
-
-def _model_bytes(mdl) -> tuple[str, bytes]:
-    from .models import FORMAT
-
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "format": FORMAT,
-            "version": 1,
-            "config": mdl.config.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in mdl.net.state_dict().items()},
-            "meta": {"name": mdl.name, "sha256": mdl.sha256},
-        },
-        buf,
-    )
-    data = buf.getvalue()
-    return hashlib.sha256(data).hexdigest(), data
 
 
 def _run_batch(
@@ -49,27 +29,16 @@ def _run_batch(
     precision: str = "auto",
     scale: float | None = None,
 ):
-    from .config import NetworkConfig
-    from .diffusion import Diffusion
     from .engine import TileSampler, resolve_device
-    from .models import SegDiffModel
-    from .network import SegDiffNet
+    from .models import from_bytes
 
     key = f"{key}:{device}:{precision}:{scale}"
     runner = _WORKER_CACHE.get(key)
     if runner is None:  # once per worker process
-        payload = torch.load(io.BytesIO(model_data), map_location="cpu", weights_only=True)
-        cfg = NetworkConfig.from_dict(payload["config"])
-        net = SegDiffNet(cfg)
-        net.load_state_dict(payload["state_dict"])
         dev = resolve_device(device)
-        mdl = SegDiffModel(
-            net.eval().to(dev),
-            Diffusion.from_config(cfg),
-            payload["meta"].get("name", "model"),
-            payload["meta"].get("sha256"),
+        runner = _WORKER_CACHE[key] = TileSampler(
+            from_bytes(model_data, dev), sampling, dev, precision=precision, scale=scale
         )
-        runner = _WORKER_CACHE[key] = TileSampler(mdl, sampling, dev, precision=precision, scale=scale)
     runner.sampling = sampling
     return runner(images, indices, seed)
 
@@ -87,7 +56,10 @@ def distributed_tiles(
     input_scale: float | None = None,
 ):
     """items: (window, tile scaled to [-1, 1]) in raster order; yields (window, mean, second moment) in order."""
-    key, data = _model_bytes(mdl)
+    from .models import to_bytes
+
+    data = to_bytes(mdl)
+    key = hashlib.sha256(data).hexdigest()
     model_future = client.scatter(data, broadcast=True, hash=False)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = max_in_flight or 2 * n_workers

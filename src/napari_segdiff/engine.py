@@ -9,6 +9,7 @@ depend on batch size or on which process ran the tile.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import secrets
@@ -203,11 +204,10 @@ class TileSampler:
         self.device = device
         self.precision = resolve_precision(precision, device)
         # channels-last (NHWC) convolutions: x1.19 per batched forward of nuclei-he on this project's CPU
-        # (`benchmarks/run.py --only compile`), same values to float rounding. On by default on the CPU;
-        # the conversion is in place (values unchanged), so a model shared with other code keeps working.
+        # (`benchmarks/run.py --only compile`), same values to float rounding. On by default on the CPU.
         self.channels_last = device.type == "cpu" if channels_last is None else bool(channels_last)
-        if self.channels_last:
-            model.net.to(memory_format=torch.channels_last)
+        # the network this sampler runs: its own channels-last copy, so the caller's model is left as it was
+        self.net = copy.deepcopy(model.net).to(memory_format=torch.channels_last) if self.channels_last else model.net
         self.network_evaluations = 0
         self.encoder_evaluations = 0
 
@@ -215,7 +215,7 @@ class TileSampler:
         """images: (B, C, h, w) in [-1, 1]. Returns every sample's probability map, (B, N, h', w') at the
         network's resolution (h' = h * input_scale), in float32."""
         s = self.sampling
-        net, diff = self.model.net, self.model.diffusion
+        net, diff = self.net, self.model.diffusion
         B, _, h0, w0 = images.shape
         scale = self.scale
         h, w = (h0, w0) if scale == 1.0 else (int(round(h0 * scale)), int(round(w0 * scale)))
@@ -263,36 +263,6 @@ class TileSampler:
                 for a in (mean, second)
             )
         return mean[:, 0].cpu().numpy(), second[:, 0].cpu().numpy()
-
-
-def reference_tile_sample(model: SegDiffModel, image: torch.Tensor, samples: int, steps: int | None, seed: int):
-    """Algorithm 1 as the public code runs it: each sample alone, G(I) inside every network call. The
-    reference the engine's fast path is checked and benchmarked against: it draws the same per-tile
-    noise as :class:`TileSampler` (tile index 0), so the two agree to float precision."""
-    net, diff = model.net.to(memory_format=torch.contiguous_format), model.diffusion  # the public code's layout
-    h, w = image.shape[-2:]
-    g = torch.Generator().manual_seed(tile_seed(seed, 0))
-    outs = []
-    # draw the same noise as the engine: per step one (N, 1, h, w) tensor from the tile's generator
-    noises: list[torch.Tensor] = []
-    sched = diff.sampling_schedule(steps)
-
-    def noise_for(k):
-        while len(noises) <= k:
-            noises.append(torch.randn((samples, 1, h, w), generator=g))
-        return noises[k]
-
-    for j in range(samples):
-        calls = iter(range(sched.num_steps + 1))
-        x = diff.sample(
-            lambda x_t, t: net(x_t, t, image=image),
-            (1, 1, h, w),
-            steps=steps,
-            noise_fn=lambda s, calls=calls, j=j: noise_for(next(calls))[j : j + 1],
-        )
-        outs.append(x)
-    p = ((torch.cat(outs).clamp(-1, 1) + 1) / 2)[:, 0].numpy()
-    return p.mean(0), (p * p).mean(0)
 
 
 def _make_outputs(shape, out, tile):

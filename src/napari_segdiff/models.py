@@ -11,6 +11,7 @@ so it loads with ``torch.load(weights_only=True)``: a pickle that tries to run c
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from ._errors import ModelFileError, SegDiffError
 from .config import PRESETS, NetworkConfig, get_preset
 from .diffusion import Diffusion
-from .io import atomic_write_bytes  # noqa: F401 (re-exported: older imports name it here)
+from .io import atomic_write_bytes
 from .network import SegDiffNet
 
 FORMAT = "napari-segdiff-model"
@@ -154,24 +155,44 @@ def register_model(name: str, path: str | os.PathLike, sha256: str, description:
     atomic_write_bytes(REGISTRY_FILE, lambda f: f.write((json.dumps(reg, indent=2) + "\n").encode()))
 
 
-def save_model(
-    model: SegDiffModel | SegDiffNet, path: str | os.PathLike, *, half: bool = True, meta: dict[str, Any] | None = None
-) -> str:
-    """Write an inference file atomically (fp16 floats by default); returns its sha256."""
-    net = model.net if isinstance(model, SegDiffModel) else model
+def _payload(net: SegDiffNet, half: bool, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The model file's content: format header, architecture, weights (fp16 floats when ``half``), metadata."""
     state = {}
     for k, v in net.state_dict().items():
         v = v.detach().cpu()
         state[k] = v.half() if half and v.is_floating_point() else v.clone()
-    payload = {
+    return {
         "format": FORMAT,
         "version": 1,
         "config": net.config.to_dict(),
         "state_dict": state,
         "meta": dict(meta or {}),
     }
+
+
+def save_model(
+    model: SegDiffModel | SegDiffNet, path: str | os.PathLike, *, half: bool = True, meta: dict[str, Any] | None = None
+) -> str:
+    """Write an inference file atomically (fp16 floats by default); returns its sha256."""
+    net = model.net if isinstance(model, SegDiffModel) else model
+    payload = _payload(net, half, meta)
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
     return sha256_of(path)
+
+
+def to_bytes(model: SegDiffModel) -> bytes:
+    """The model as the bytes of a model file (full precision; name and sha256 in its metadata), e.g. to send
+    to other processes; :func:`from_bytes` reads it back."""
+    buf = io.BytesIO()
+    torch.save(_payload(model.net, False, {"name": model.name, "sha256": model.sha256}), buf)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes, device: str | torch.device = "cpu") -> SegDiffModel:
+    """A model from :func:`to_bytes` output, checked like a model file."""
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    meta = payload.get("meta", {}) if isinstance(payload, dict) else {}
+    return _from_payload(payload, "model bytes", meta.get("sha256"), meta.get("name"), device)
 
 
 def _describe_mismatch(cfg: NetworkConfig) -> str:
@@ -231,6 +252,11 @@ def load_model_file(
             f"{str(path)!r} is a bare state_dict ({match}), not a napari-segdiff model file "
             "with its architecture embedded; save it with napari_segdiff.models.save_model(net, path)"
         )
+    return _from_payload(payload, path, digest, name or None, device)
+
+
+def _from_payload(payload, path, digest: str | None, name: str | None, device) -> SegDiffModel:
+    """Build the model of a loaded model file (``path`` only names it in messages)."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{str(path)!r} is not a napari-segdiff model file (no {FORMAT!r} header)")
     try:
@@ -252,7 +278,7 @@ def load_model_file(
         )
     net.eval().to(device)
     meta = dict(payload.get("meta", {}))
-    return SegDiffModel(net, Diffusion.from_config(cfg), name or meta.get("name") or path.stem, digest, meta)
+    return SegDiffModel(net, Diffusion.from_config(cfg), name or meta.get("name") or Path(path).stem, digest, meta)
 
 
 def load_model(

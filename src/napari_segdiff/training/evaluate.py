@@ -8,7 +8,8 @@ import time
 import numpy as np
 
 from ..engine import segment
-from ..models import atomic_write_bytes, load_model
+from ..io import atomic_write_bytes
+from ..models import load_model
 from .datasets import load_dataset, split_samples
 from .metrics import all_metrics
 

@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..models import atomic_write_bytes
+from ..io import atomic_write_bytes
 
 
 def plot_log(log_csv: str | Path, out_png: str | Path) -> None:

@@ -22,7 +22,8 @@ from .._errors import SegDiffError
 from ..config import NetworkConfig, get_preset
 from ..diffusion import Diffusion
 from ..engine import resolve_device, segment, warn_if_bf16_emulated
-from ..models import SegDiffModel, atomic_write_bytes, save_model
+from ..io import atomic_write_bytes
+from ..models import SegDiffModel, save_model
 from ..network import SegDiffNet, count_parameters
 from .augment import augment_pair, get_augment
 from .datasets import Sample, load_dataset, split_samples
