@@ -415,3 +415,29 @@ def test_cli_no_skip_empty(tmp_path):
     args = build_parser().parse_args(["segment", "x.png", "-o", "y.tif", "--no-skip-empty"])
     assert args.skip_empty is False
     assert build_parser().parse_args(["segment", "x.png", "-o", "y.tif"]).skip_empty is None
+
+
+# ---------------------------------------------------------------- one generator protocol
+def test_segment_has_iter_segments_signature_and_drain_needs_a_result():
+    import inspect
+
+    from napari_segdiff.engine import drain, iter_segment
+
+    a, b = inspect.signature(segment), inspect.signature(iter_segment)
+    assert list(a.parameters) == list(b.parameters) and "pixel_size" in a.parameters
+    assert segment.__name__ == "segment" and "pixel_size" in segment.__doc__
+    seen = []
+    assert drain(iter([1, 2, "done"]), str, on_progress=seen.append) == "done" and seen == [1, 2]
+    with pytest.raises(RuntimeError, match="ended without a str"):
+        drain(iter([1, 2]), str)
+
+
+def test_stack_iterator_yields_progress_then_its_result(model):
+    from napari_segdiff.stacks import SliceProgress, StackResult, iter_segment_stack, segment_stack
+
+    stack = np.random.default_rng(0).random((2, 40, 40)).astype(np.float32)
+    items = list(iter_segment_stack(stack, False, model, samples=1, steps=1, tile=32, seed=0, device="cpu"))
+    assert all(isinstance(i, SliceProgress) for i in items[:-1]) and isinstance(items[-1], StackResult)
+    assert items[-2].done == items[-2].total == 2 * 4
+    again = segment_stack(stack, False, model, samples=1, steps=1, tile=32, seed=0, device="cpu")
+    np.testing.assert_array_equal(again.probability, items[-1].probability)

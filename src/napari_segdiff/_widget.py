@@ -1,7 +1,7 @@
 """The napari face of napari-segdiff: the "SegDiff segmentation" dock widget.
 
 All magicgui/Qt code of the package lives in this module. The work itself is the library's
-:func:`napari_segdiff.iter_segment`, driven slice by slice by :func:`segment_stack` (a plain generator,
+:func:`napari_segdiff.iter_segment`, driven slice by slice by :func:`iter_segment_stack` (a plain generator,
 no Qt) inside a napari thread worker.
 """
 
@@ -24,7 +24,7 @@ from .config import PRECISIONS, NetworkConfig, SamplingConfig, SegmentConfig, Ti
 from .engine import available_devices, recommended_config
 from .models import SegDiffModel, list_models, load_model
 from .pixelsize import model_pixel_size
-from .stacks import SliceProgress, StackResult, leading_shape, segment_stack
+from .stacks import SliceProgress, StackResult, iter_segment_stack, leading_shape
 
 MODEL_FILE = "model file..."
 #: segmentation widgets alive in this process: a newly fine-tuned model is offered to each of them
@@ -334,7 +334,7 @@ class SegDiffWidget(Container):
             "pixel_text": px_text,
         }
         worker = create_worker(
-            segment_stack,
+            iter_segment_stack,
             data,
             bool(layer.rgb),
             self._models.get(key, key),
@@ -343,8 +343,8 @@ class SegDiffWidget(Container):
             _ignore_errors=True,
             **kwargs,
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda result: self._on_done(key, target, result))
+        # the generator yields progress per tile and, last, its StackResult (the package's one protocol)
+        worker.yielded.connect(lambda item: self._on_item(key, target, item))
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -363,6 +363,13 @@ class SegDiffWidget(Container):
     def _fail(self, message: str) -> None:
         self.status.value = f"error: {message}"
         show_error(f"SegDiff: {message}")
+
+    def _on_item(self, key: str, target: dict[str, Any], item: SliceProgress | StackResult) -> None:
+        if isinstance(item, StackResult):
+            if self._worker is not None and not self._worker.abort_requested:
+                self._on_done(key, target, item)
+        else:
+            self._on_progress(item)
 
     def _on_progress(self, p: SliceProgress) -> None:
         # napari's progress bar calls QApplication.processEvents(), so later signals (even `finished`) can

@@ -25,7 +25,7 @@ from .config import PRECISIONS
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
-    from .engine import Progress, iter_segment
+    from .engine import Progress, SegmentationResult, drain, iter_segment
     from .io import atomic_replace_dir, check_output, read_image, read_image_meta, write_result
 
     inp = Path(args.input)
@@ -74,15 +74,16 @@ def cmd_segment(args) -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         kw["out"] = str(tmp)
     bar = None
+
+    def show(p: Progress) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.total, unit="tile", desc=inp.name, disable=args.quiet)
+        bar.update(p.done - bar.n)
+
     try:
-        result = None
-        for item in iter_segment(image, args.model, device=args.device, client=client, precision=args.precision, **kw):
-            if isinstance(item, Progress):
-                if bar is None:
-                    bar = tqdm(total=item.total, unit="tile", desc=inp.name, disable=args.quiet)
-                bar.update(item.done - bar.n)
-            else:
-                result = item
+        items = iter_segment(image, args.model, device=args.device, client=client, precision=args.precision, **kw)
+        result = drain(items, SegmentationResult, on_progress=show)
         if bar is not None:
             bar.close()
         if stream:
@@ -170,14 +171,14 @@ def is_stack(shape: tuple[int, ...]) -> bool:
 def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
     from tqdm import tqdm
 
-    from .engine import SegmentationResult
+    from .engine import SegmentationResult, drain
     from .io import write_result
-    from .stacks import segment_stack
+    from .stacks import StackResult, iter_segment_stack
 
     if client is not None:
         raise SegDiffError("--scheduler works on 2-D images; run stacks without it (slices go one by one)")
     rgb = image.shape[-1] in (3, 4)
-    gen = segment_stack(
+    gen = iter_segment_stack(
         image,
         rgb,
         args.model,
@@ -187,14 +188,15 @@ def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
         instances=bool(kw.get("instances")),
     )
     bar = None
+
+    def show(p):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.total, unit="tile", desc=inp.name, disable=args.quiet)
+        bar.update(p.done - bar.n)
+
     try:
-        while True:
-            p = next(gen)
-            if bar is None:
-                bar = tqdm(total=p.total, unit="tile", desc=inp.name, disable=args.quiet)
-            bar.update(p.done - bar.n)
-    except StopIteration as stop:
-        res = stop.value
+        res = drain(gen, StackResult, on_progress=show)
     finally:
         if bar is not None:
             bar.close()

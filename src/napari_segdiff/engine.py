@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import inspect
 import os
 import secrets
 import time
@@ -566,10 +568,26 @@ def recommended_config(mdl: SegDiffModel) -> SegmentConfig:
     return SegmentConfig(sampling=sampling, tiling=tiling)
 
 
+def drain(items: Iterator, result_type: type, on_progress=None):
+    """Run one of the package's generators to its end and return its last item, the result (the protocol
+    every iterator here follows: progress items, then the result); ``on_progress`` sees the others."""
+    last = None
+    for last in items:
+        if on_progress is not None and not isinstance(last, result_type):
+            on_progress(last)
+    if not isinstance(last, result_type):
+        raise RuntimeError(f"the generator ended without a {result_type.__name__} (last item: {last!r})")
+    return last
+
+
+@functools.wraps(iter_segment, assigned=("__module__", "__qualname__", "__doc__"))
 def segment(image, model=None, **kwargs) -> SegmentationResult:
-    """Segment a 2-D image and return the result (drains :func:`iter_segment`)."""
-    result = None
-    for item in iter_segment(image, model, **kwargs):
-        result = item
-    assert isinstance(result, SegmentationResult)
-    return result
+    return drain(iter_segment(image, model, **kwargs), SegmentationResult)
+
+
+segment.__qualname__ = segment.__name__ = "segment"
+segment.__signature__ = inspect.signature(iter_segment).replace(return_annotation="SegmentationResult")
+segment.__doc__ = (
+    "Segment a 2-D image and return its :class:`SegmentationResult` (drains :func:`iter_segment`, which\n"
+    "takes the same arguments and yields :class:`Progress` per tile first).\n\n    " + (iter_segment.__doc__ or "")
+)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ._errors import SegDiffError
 from .config import SegmentConfig
-from .engine import Progress, SegmentationResult, iter_segment, resolve_device
+from .engine import Progress, SegmentationResult, drain, iter_segment, resolve_device
 from .models import SegDiffModel, load_model
 
 _SEGMENT = SegmentConfig()
@@ -74,9 +74,17 @@ def split_instances(mask, min_distance: int = MIN_DISTANCE) -> np.ndarray:
     return label_instances(mask, method="watershed", min_distance=min_distance)
 
 
-def segment_stack(data, rgb: bool, model, *, instances: bool = False, **engine_kwargs) -> Iterator[SliceProgress]:
+def segment_stack(data, rgb: bool, model, *, instances: bool = False, **engine_kwargs) -> StackResult:
+    """Segment every 2-D plane of ``data`` and return the :class:`StackResult` (drains
+    :func:`iter_segment_stack`, which takes the same arguments)."""
+    return drain(iter_segment_stack(data, rgb, model, instances=instances, **engine_kwargs), StackResult)
+
+
+def iter_segment_stack(
+    data, rgb: bool, model, *, instances: bool = False, **engine_kwargs
+) -> Iterator[SliceProgress | StackResult]:
     """Segment every 2-D (grey or RGB) plane of ``data`` with :func:`iter_segment`, yielding a
-    :class:`SliceProgress` per tile; the generator *returns* a :class:`StackResult`.
+    :class:`SliceProgress` per tile and, last, the :class:`StackResult`.
 
     ``model``: a :class:`SegDiffModel`, shipped name or file path (loaded once for all slices).
     ``engine_kwargs`` go to :func:`iter_segment` unchanged (samples, steps, seed, device, ...).
@@ -118,4 +126,4 @@ def segment_stack(data, rgb: bool, model, *, instances: bool = False, **engine_k
     )
     if instances:
         info["objects"] = int(labels.max())
-    return StackResult(prob, var, mask, labels, info, mdl)
+    yield StackResult(prob, var, mask, labels, info, mdl)
