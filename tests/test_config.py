@@ -148,3 +148,65 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
         assert engine.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(SegDiffError, match="precision"):
         engine.resolve_precision("half", cpu)
+
+
+# ---------------------------------------------------------------- the one parameter table
+def test_every_segment_flag_comes_from_the_table():
+    from napari_segdiff.cli import build_parser
+    from napari_segdiff.config import params
+
+    seg = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "segment" in a.choices)
+    flags = {a.dest: a for a in seg.choices["segment"]._actions}
+    for cls in (SamplingConfig, TilingConfig, SegmentConfig):
+        for name, (default, p) in params(cls).items():
+            a = flags[name]
+            assert a.default is None and p.help.split(":")[0].split(" (")[0] in (a.help or "")
+            if p.choices:
+                assert tuple(a.choices) == p.choices
+            elif not isinstance(default, bool):
+                assert a.type is (str if isinstance(default, str) else int if isinstance(default, int) else float)
+
+
+def test_table_bounds_are_what_validation_enforces():
+    from napari_segdiff.config import check_value, params
+
+    for cls in (SamplingConfig, TilingConfig):
+        for name, (default, p) in params(cls).items():
+            if p.min is not None:
+                check_value(name, p.min, default, p)  # the bound itself is allowed
+                with pytest.raises(SegDiffError, match=name):
+                    check_value(name, p.min - (p.step or 1), default, p)
+            if p.max is not None:
+                with pytest.raises(SegDiffError, match=name):
+                    check_value(name, p.max + (p.step or 1), default, p)
+                if p.max_open:
+                    with pytest.raises(SegDiffError, match=name):
+                        check_value(name, p.max, default, p)
+
+
+def test_one_device_check_for_config_and_engine():
+    from napari_segdiff.engine import resolve_device
+
+    for bad in ("cuda:x", "cuda:", "gpu", 0):
+        with pytest.raises(SegDiffError, match="cuda:N"):
+            SegmentConfig(device=bad)
+        with pytest.raises(SegDiffError, match="cuda:N"):
+            resolve_device(bad)
+
+
+def test_default_sentinel_survives_pickling():
+    import pickle
+
+    from napari_segdiff.config import DEFAULT
+
+    assert pickle.loads(pickle.dumps(DEFAULT)) is DEFAULT and repr(DEFAULT) == "DEFAULT"
+
+
+def test_widget_options_follow_the_table():
+    from napari_segdiff.config import widget_options
+
+    o = widget_options(TilingConfig, "overlap")
+    assert (o["label"], o["min"], o["step"]) == ("tile overlap", 0.0, 0.05) and o["max"] == pytest.approx(0.95)
+    assert widget_options(SamplingConfig, "samples")["max"] == 1024
+    assert widget_options(SegmentConfig, "precision")["choices"] == ["auto", "fp32", "bf16"]
+    assert widget_options(TilingConfig, "tile", max=512)["max"] == 512

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -269,3 +271,24 @@ def test_empty_tiles_skipped_and_reported_unless_switched_off(qtbot, dock):
     run_and_wait(qtbot, widget)
     assert viewer.layers["ortho probability"].metadata["skipped_tiles"] == 0
     assert viewer.layers["ortho probability"].data[:, 32:].any()
+
+
+def test_widget_ranges_and_tile_step_follow_table_and_model(make_napari_viewer):
+    from napari_segdiff.config import widget_options
+    from napari_segdiff.models import SegDiffModel
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-segdiff", "SegDiff segmentation")
+    from napari_segdiff.config import SamplingConfig, TilingConfig, get_preset
+
+    for name, cls in (("samples", SamplingConfig), ("overlap", TilingConfig), ("batch_size", TilingConfig)):
+        want = widget_options(cls, name)
+        control = getattr(widget, name)
+        assert (control.min, control.max) == pytest.approx((want["min"], want["max"])), name
+    half = SegDiffModel.from_config(dataclasses.replace(get_preset("tiny"), input_scale=0.5), name="half")
+    widget.set_model(half)
+    assert widget.tile.step == 2 * half.config.downsample_factor  # a tile reaches the network at half size
+    assert widget.eta.native.isHidden()  # eta only means something for DDIM
+    widget.sampler.value = "ddim"
+    assert not widget.eta.native.isHidden()
+    assert widget.engine_kwargs()["sampler"] == "ddim"

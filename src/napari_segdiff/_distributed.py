@@ -98,5 +98,5 @@ def distributed_tiles(
 
 def _collect(entry):
     wins, fut = entry
-    means, seconds = fut.result()
-    yield from zip(wins, means, seconds)
+    means, second_moments = fut.result()
+    yield from zip(wins, means, second_moments)

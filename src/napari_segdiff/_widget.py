@@ -20,8 +20,8 @@ from napari.utils.notifications import show_error
 from psygnal import Signal
 
 from ._errors import SegDiffError
-from .config import PRECISIONS, NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig
-from .engine import available_devices, recommended_config
+from .config import NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig, widget_options
+from .engine import available_devices, recommended_config, tile_multiple
 from .models import SegDiffModel, list_models, load_model
 from .pixelsize import model_pixel_size
 from .stacks import SliceProgress, StackResult, iter_segment_stack, leading_shape
@@ -102,51 +102,21 @@ class SegDiffWidget(Container):
             tooltip="A shipped model, or 'model file...' for a .pt file from `napari-segdiff-train export`",
         )
         self.model_file = FileEdit(label="model file", mode="r", filter="*.pt", visible=False)
-        self.samples = SpinBox(
-            label="samples",
-            value=_SAMPLING.samples,
-            min=1,
-            max=256,
-            tooltip="N stochastic samples per pixel: their mean is the probability, their variance the uncertainty",
-        )
+        # ranges, steps and help come from the one parameter table on the config dataclasses
+        self.samples = SpinBox(value=_SAMPLING.samples, **widget_options(SamplingConfig, "samples"))
         self.steps = SpinBox(
-            label="steps",
-            value=_SAMPLING.steps,
-            min=1,
-            max=NetworkConfig().diffusion_steps,
-            tooltip="Reverse diffusion steps per sample (at most the model's diffusion steps)",
+            value=_SAMPLING.steps, **widget_options(SamplingConfig, "steps", max=NetworkConfig().diffusion_steps)
         )
-        self.tile = SpinBox(
-            label="tile",
-            value=_TILING.tile,
-            min=8,
-            max=4096,
-            step=8,
-            tooltip="Window size in pixels (a multiple of the model's downsampling factor)",
+        self.sampler = ComboBox(value=_SAMPLING.sampler, **widget_options(SamplingConfig, "sampler"))
+        self.eta = FloatSpinBox(value=_SAMPLING.eta, visible=False, **widget_options(SamplingConfig, "eta"))
+        self.tile = SpinBox(value=_TILING.tile, **widget_options(TilingConfig, "tile"))
+        self.overlap = FloatSpinBox(value=_TILING.overlap, **widget_options(TilingConfig, "overlap"))
+        self.batch_size = SpinBox(value=_TILING.batch_size, **widget_options(TilingConfig, "batch_size"))
+        self.threshold = FloatSpinBox(value=_SAMPLING.threshold, **widget_options(SamplingConfig, "threshold"))
+        self.device = ComboBox(
+            value=_SEGMENT.device, **widget_options(SegmentConfig, "device", choices=available_devices())
         )
-        self.overlap = FloatSpinBox(
-            label="tile overlap",
-            value=_TILING.overlap,
-            min=0.0,
-            max=0.95,
-            step=0.05,
-            tooltip="Overlap of neighbouring windows, as a fraction of the tile",
-        )
-        self.threshold = FloatSpinBox(
-            label="threshold",
-            value=_SAMPLING.threshold,
-            min=0.0,
-            max=1.0,
-            step=0.05,
-            tooltip="mask = probability > threshold",
-        )
-        self.device = ComboBox(label="device", choices=available_devices(), value=_SEGMENT.device)
-        self.precision = ComboBox(
-            label="precision",
-            choices=list(PRECISIONS),
-            value=_SEGMENT.precision,
-            tooltip="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32",
-        )
+        self.precision = ComboBox(value=_SEGMENT.precision, **widget_options(SegmentConfig, "precision"))
         self.seed = SpinBox(
             label="seed",
             value=-1 if _SAMPLING.seed is None else _SAMPLING.seed,
@@ -168,12 +138,8 @@ class SegDiffWidget(Container):
             tooltip="Add a Labels layer with one id per object, by the model's instance "
             "method (nuclei: watershed; buildings: connected components)",
         )
-        self.skip_empty = CheckBox(
-            text="skip empty tiles",
-            value=_TILING.skip_empty,
-            tooltip="Tiles that are fully transparent, uniform (nodata) or, for slide models, "
-            "glass only get probability 0 without sampling",
-        )
+        opts = widget_options(TilingConfig, "skip_empty")
+        self.skip_empty = CheckBox(text=opts["label"], value=_TILING.skip_empty, tooltip=opts["tooltip"])
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
@@ -184,8 +150,11 @@ class SegDiffWidget(Container):
                 self.model_file,
                 self.samples,
                 self.steps,
+                self.sampler,
+                self.eta,
                 self.tile,
                 self.overlap,
+                self.batch_size,
                 self.threshold,
                 self.device,
                 self.precision,
@@ -200,6 +169,7 @@ class SegDiffWidget(Container):
         )
         self.model.changed.connect(self._on_model_change)
         self.model_file.changed.connect(self._on_model_change)
+        self.sampler.changed.connect(lambda *_: setattr(self.eta, "visible", self.sampler.value == "ddim"))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
 
@@ -248,7 +218,12 @@ class SegDiffWidget(Container):
         self.steps.max = mdl.diffusion.T
         self.samples.value = rec.samples
         self.steps.value = rec.steps if rec.steps is not None else mdl.diffusion.T
+        self.sampler.value = rec.sampler
+        self.eta.value = rec.eta
         self.overlap.value = rec_cfg.tiling.overlap
+        # the tile must reach the network as a multiple of its downsampling factor: the step follows the model
+        self.tile.step = tile_multiple(mdl)
+        self.tile.min = tile_multiple(mdl)
         self.tile.value = rec_cfg.tiling.tile
         native = model_pixel_size(mdl.meta)
         self.pixel_size.tooltip = (
@@ -275,26 +250,23 @@ class SegDiffWidget(Container):
         sampling = SamplingConfig(
             samples=int(self.samples.value),
             steps=int(self.steps.value),
+            sampler=str(self.sampler.value),
+            eta=float(self.eta.value),
             seed=seed,
             threshold=float(self.threshold.value),
         )
         tiling = TilingConfig(
-            tile=int(self.tile.value), overlap=float(self.overlap.value), skip_empty=bool(self.skip_empty.value)
+            tile=int(self.tile.value),
+            overlap=float(self.overlap.value),
+            batch_size=int(self.batch_size.value),
+            skip_empty=bool(self.skip_empty.value),
         )
         cfg = SegmentConfig(
             sampling=sampling, tiling=tiling, device=str(self.device.value), precision=str(self.precision.value)
         )
-        return dict(
-            samples=sampling.samples,
-            steps=sampling.steps,
-            seed=sampling.seed,
-            threshold=sampling.threshold,
-            tile=tiling.tile,
-            overlap=tiling.overlap,
-            device=cfg.device,
-            precision=cfg.precision,
-            skip_empty=tiling.skip_empty,
-        )
+        kw = {k: getattr(sampling, k) for k in ("samples", "steps", "sampler", "eta", "seed", "threshold")}
+        kw.update({k: getattr(tiling, k) for k in ("tile", "overlap", "batch_size", "skip_empty")})
+        return dict(kw, device=cfg.device, precision=cfg.precision)
 
     def pixel_size_for(self, layer, model: SegDiffModel | None) -> tuple[float | None, str]:
         """(pixel size to pass, a sentence saying where it came from) for ``layer`` and ``model``."""

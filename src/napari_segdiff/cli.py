@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import SegDiffError
-from .config import PRECISIONS
+from .config import SamplingConfig, SegmentConfig, TilingConfig, add_arguments
 
 
 def cmd_segment(args) -> int:
@@ -234,10 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in a GeoTIFF input's map coordinates)",
     )
     s.add_argument("--model", default=None, help="shipped model name or model file (default: nuclei-he)")
-    s.add_argument("--samples", type=int)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--sampler", choices=["ddpm", "ddim"])
-    s.add_argument("--eta", type=float, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
+    add_arguments(s, SamplingConfig, ("samples", "steps", "sampler", "eta"))
     s.add_argument(
         "--pixel-size",
         dest="pixel_size",
@@ -253,26 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--instances", action="store_true", help="also write instance labels (one id per object)")
     s.add_argument("--series", type=int, default=None, help="which image series of a multi-series TIFF (default 0)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--threshold", type=float)
-    s.add_argument("--tile", type=int)
-    s.add_argument("--overlap", type=float)
-    s.add_argument("--batch-size", dest="batch_size", type=int)
-    s.add_argument(
-        "--no-skip-empty",
-        dest="skip_empty",
-        action="store_false",
-        default=None,
-        help="sample every tile (default: transparent, uniform and, for slide models, glass-only tiles "
-        "get probability 0 without sampling)",
-    )
-    s.add_argument("--device", default="auto")
-    s.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32",
-    )
+    add_arguments(s, SamplingConfig, ("seed", "threshold"))
+    add_arguments(s, TilingConfig)
+    add_arguments(s, SegmentConfig, model_defaults=False)
     s.add_argument("--scheduler", help="dask.distributed scheduler address: spread tiles over its workers")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     s.add_argument("-q", "--quiet", action="store_true")

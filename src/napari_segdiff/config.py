@@ -174,58 +174,180 @@ def get_preset(name: str, **overrides: Any) -> NetworkConfig:
     return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
 
 
+# ---------------------------------------------------------------------------------------------- parameter table
+class _Default:
+    """The one sentinel for "the model's (or the config's) own value" where None already means something."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+    def __reduce__(self):  # pickles (dask, thread workers) keep the singleton
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One row of the parameter table: declared once on a config field, read by validation, by the CLI's
+    flags (:func:`add_arguments`) and by the napari widget's controls (:func:`widget_options`)."""
+
+    help: str
+    min: float | None = None
+    max: float | None = None
+    max_open: bool = False  # the maximum itself is not allowed
+    step: float | None = None  # the widget's step
+    unit: str = ""
+    choices: tuple[str, ...] | None = None
+    none: str | None = None  # what None means, where it is allowed
+    label: str | None = None  # the widget's label (default: the name with spaces)
+
+
+def param(default: Any, text: str, **kw: Any) -> Any:
+    """A config field with its table row (``text`` is the help line)."""
+    return field(default=default, metadata={"param": Param(text, **kw)})
+
+
+def params(cls) -> dict[str, tuple[Any, Param]]:
+    """(default, Param) of every tabled field of a config class, in declaration order."""
+    return {f.name: (f.default, f.metadata["param"]) for f in dataclasses.fields(cls) if "param" in f.metadata}
+
+
+def _is_int_param(default: Any, p: Param) -> bool:
+    if isinstance(default, bool) or p.choices is not None or isinstance(default, str):
+        return False
+    return isinstance(default, int) or (default is None and p.step is not None and float(p.step).is_integer())
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def _bounds_text(p: Param) -> str:
+    if p.min is not None and p.max is not None:
+        return f"in [{_num(p.min)}, {_num(p.max)}{')' if p.max_open else ']'}"
+    if p.min is not None:
+        return f">= {_num(p.min)}"
+    if p.max is not None:
+        return f"{'<' if p.max_open else '<='} {_num(p.max)}"
+    return ""
+
+
+def check_value(name: str, value: Any, default: Any, p: Param) -> Any:
+    """``value`` checked against its table row (type from the default, bounds, choices); returns it with
+    numpy scalars turned into Python ones. The message names what is allowed."""
+    if value is None:
+        _check(p.none is not None, f"{name} must not be None")
+        return None
+    if isinstance(default, bool):
+        _check(isinstance(value, (bool, np.bool_)), f"{name} must be True or False, got {value!r}")
+        return bool(value)
+    if p.choices is not None:
+        _check(value in p.choices, f"{name} must be one of {', '.join(p.choices)}; got {value!r}")
+        return value
+    if isinstance(default, str):
+        _check(isinstance(value, str), f"{name} must be a string, got {value!r}")
+        return value
+    bounds = _bounds_text(p)
+    if _is_int_param(default, p):
+        what = "an integer" + (f" {bounds}" if bounds else "") + (f" (or None for {p.none})" if p.none else "")
+        _check(_int_like(value), f"{name} must be {what}, got {value!r}")
+        value = int(value)
+    else:
+        what = bounds or "a number"
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        _check(ok and bool(np.isfinite(float(value))), f"{name} must be a number {bounds}, got {value!r}")
+        value = float(value)
+    too_low = p.min is not None and value < p.min
+    too_high = p.max is not None and (value >= p.max if p.max_open else value > p.max)
+    _check(not (too_low or too_high), f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def _check_table(obj) -> None:
+    for name, (default, p) in params(type(obj)).items():
+        object.__setattr__(obj, name, check_value(name, getattr(obj, name), default, p))
+
+
+def device_error(device: Any) -> str | None:
+    """Why ``device`` is not a device string this package takes (None when it is); the one check for the
+    configs and the engine's ``resolve_device`` alike."""
+    if isinstance(device, str) and (
+        device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        return None
+    return f"device must be one of auto, cpu, cuda, cuda:N, mps; got {device!r}"
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How a trained model is sampled: N stochastic samples of ``steps`` reverse steps each."""
 
-    samples: int = 5
-    steps: int | None = 10  # None = all T steps (the paper's Algorithm 1)
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    eta: float = 1.0  # DDIM only: 0 = deterministic, 1 = DDPM-like variance
-    seed: int | None = 0
-    threshold: float = 0.5
+    samples: int = param(
+        5,
+        "stochastic samples per pixel: their mean is the probability, their variance the uncertainty",
+        min=1,
+        max=1024,
+        step=1,
+    )
+    steps: int | None = param(
+        10,
+        "reverse diffusion steps per sample (respaced; at most the model's diffusion steps)",
+        min=1,
+        max=100_000,
+        step=1,
+        none="all diffusion steps (the paper's Algorithm 1)",
+    )
+    sampler: Literal["ddpm", "ddim"] = param(
+        "ddpm", "reverse update: the DDPM posterior or DDIM", choices=("ddpm", "ddim")
+    )
+    eta: float = param(1.0, "DDIM only: 0 deterministic, 1 DDPM-like noise", min=0.0, max=1.0, step=0.1)
+    seed: int | None = param(0, "random seed of the sampling noise", min=0, max=2**63 - 1, step=1, none="a random seed")
+    threshold: float = param(0.5, "mask = probability > threshold", min=0.0, max=1.0, step=0.05)
 
     def __post_init__(self) -> None:
-        _normalise_ints(self, ("samples", "steps", "seed"))
-        _check(
-            self.seed is None or isinstance(self.seed, int),
-            f"seed must be an integer (or None for a random one), got {self.seed!r}",
-        )
-        _check(
-            isinstance(self.samples, int) and self.samples >= 1,
-            f"samples must be an integer >= 1, got {self.samples!r}",
-        )
-        _check(
-            self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
-            f"steps must be an integer >= 1 (or None for all diffusion steps), got {self.steps!r}",
-        )
-        _check(self.sampler in ("ddpm", "ddim"), f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
-        _check(0.0 <= self.eta <= 1.0, f"eta must be in [0, 1], got {self.eta}")
-        _check(0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}")
+        _check_table(self)
 
 
 @dataclass(frozen=True)
 class TilingConfig:
     """Sliding windows over large images. ``overlap`` is a fraction of the tile size."""
 
-    tile: int = 256
-    overlap: float = 0.25
-    batch_size: int = 2  # tiles per network batch (each carries all its samples)
-    # tiles that need no model (fully transparent, uniform, or slide background for models that declare a
-    # bright background) get probability 0 and variance 0 without sampling; False samples every tile
-    skip_empty: bool = True
+    tile: int = param(
+        256,
+        "window size in pixels (a multiple of what the model needs: its downsampling factor over its input scale)",
+        min=8,
+        max=8192,
+        step=8,
+        unit="px",
+    )
+    overlap: float = param(
+        0.25,
+        "overlap of neighbouring windows, as a fraction of the tile",
+        min=0.0,
+        max=1.0,
+        max_open=True,
+        step=0.05,
+        label="tile overlap",
+    )
+    batch_size: int = param(
+        2,
+        "tiles per network batch (each carries all its samples); lowered to fit in free memory",
+        min=1,
+        max=256,
+        step=1,
+        label="batch size",
+    )
+    skip_empty: bool = param(
+        True,
+        "skip empty tiles: fully transparent, uniform (nodata) or, for slide models, glass-only tiles get "
+        "probability 0 without sampling",
+        label="skip empty tiles",
+    )
 
     def __post_init__(self) -> None:
-        _normalise_ints(self, ("tile", "batch_size"))
-        _check(
-            isinstance(self.skip_empty, (bool, np.bool_)), f"skip_empty must be True or False, got {self.skip_empty!r}"
-        )
-        _check(isinstance(self.tile, int) and self.tile >= 8, f"tile must be an integer >= 8, got {self.tile!r}")
-        _check(0.0 <= self.overlap < 1.0, f"overlap must be in [0, 1), got {self.overlap}")
-        _check(
-            isinstance(self.batch_size, int) and self.batch_size >= 1,
-            f"batch_size must be an integer >= 1, got {self.batch_size!r}",
-        )
+        _check_table(self)
 
     @property
     def stride(self) -> int:
@@ -241,16 +363,71 @@ class SegmentConfig:
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
-    device: str = "auto"
+    device: str = param("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     # auto = bfloat16 autocast on a CPU with native bf16 (AVX512-BF16/AMX: x2.2 on 7 validation images,
     # Dice 0.7833 vs 0.7834), float32 elsewhere; fp32 or bf16 force one
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = param(
+        "auto",
+        "auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32",
+        choices=PRECISIONS,
+    )
 
     def __post_init__(self) -> None:
-        _check(
-            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
-            f"device must be one of auto, cpu, cuda, cuda:N, mps; got {self.device!r}",
+        error = device_error(self.device)
+        _check(error is None, error or "")
+        _check_table(self)
+
+
+# ---------------------------------------------------------------------------------------------- faces
+def add_arguments(parser, cls, names=None, model_defaults: bool = True) -> None:
+    """CLI flags for the tabled fields of ``cls`` (all, or ``names``): ``--batch-size`` for ``batch_size``,
+    type, choices and help from the table, default None (= the model's recommendation, else the config's
+    default); a boolean that defaults to True gets ``--no-NAME``."""
+    for name, (default, p) in params(cls).items():
+        if names is not None and name not in names:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            if default:
+                parser.add_argument(
+                    "--no-" + name.replace("_", "-"),
+                    dest=name,
+                    action="store_false",
+                    default=None,
+                    help=f"do not {p.help}",
+                )
+            else:
+                parser.add_argument(flag, dest=name, action="store_true", default=None, help=p.help)
+            continue
+        if p.choices is not None or isinstance(default, str):
+            kind = str
+        else:
+            kind = int if _is_int_param(default, p) else float
+        bounds = _bounds_text(p) if kind is not str else ""
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            choices=p.choices,
+            default=None,
+            help=f"{p.help}{f' ({bounds})' if bounds else ''}; default: "
+            + (f"the model's recommendation, else {default!r}" if model_defaults else repr(default)),
         )
-        _check(
-            self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
-        )
+
+
+def widget_options(cls, name: str, **override: Any) -> dict[str, Any]:
+    """magicgui keyword arguments (label, tooltip, min, max, step, choices) for a tabled field."""
+    default, p = params(cls)[name]
+    opts: dict[str, Any] = {"label": p.label or name.replace("_", " "), "tooltip": p.help[:1].upper() + p.help[1:]}
+    if p.choices is not None:
+        opts["choices"] = list(p.choices)
+    for key in ("min", "max", "step"):
+        v = getattr(p, key)
+        if v is not None:
+            opts[key] = v
+    if p.max_open and p.max is not None and p.step:
+        opts["max"] = p.max - p.step
+    if _is_int_param(default, p):
+        opts = {k: (int(v) if k in ("min", "max", "step") else v) for k, v in opts.items()}
+    opts.update(override)
+    return opts

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ._errors import SegDiffError
-from .config import PRECISIONS, SamplingConfig, SegmentConfig, TilingConfig
+from .config import DEFAULT, PRECISIONS, SamplingConfig, SegmentConfig, TilingConfig, device_error
 from .models import SegDiffModel, load_model
 from .pixelsize import model_pixel_size, scale_factor
 from .tiling import StreamingBlender, Window, iter_windows, taper_weights, window_grid
@@ -61,10 +61,9 @@ class SegmentationResult:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU. An explicit device that is absent is an error."""
-    if not isinstance(device, str) or not (
-        device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())
-    ):
-        raise SegDiffError(f"device must be one of auto, cpu, cuda, cuda:N, mps; got {device!r}")
+    error = device_error(device)
+    if error:
+        raise SegDiffError(error)
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -182,6 +181,16 @@ def fit_batch_size(cfg, tiling: TilingConfig, samples: int, device: torch.device
     return tiling.batch_size
 
 
+def tile_multiple(mdl: SegDiffModel) -> int:
+    """The tile step a model needs: its tiles reach the network resized by ``input_scale`` and must then be a
+    multiple of its downsampling factor (8 for cpu-small; x2 at input scale 0.5, so 16)."""
+    f, s = mdl.config.downsample_factor, mdl.config.input_scale
+    exact = f / s
+    if float(exact).is_integer():
+        return int(exact)
+    return next(t for t in range(1, 64 * f) if int(round(t * s)) % f == 0 and int(round(t * s)) >= f)
+
+
 def tile_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index) * 7919 + 12345) % (2**63 - 1)
 
@@ -290,10 +299,10 @@ def iter_segment(
     model: SegDiffModel | str | os.PathLike | None = None,
     *,
     samples: int | None = None,
-    steps: int | None | str = "default",
+    steps: int | None = DEFAULT,
     sampler: str | None = None,
     eta: float | None = None,
-    seed: int | None | str = "default",
+    seed: int | None = DEFAULT,
     threshold: float | None = None,
     tile: int | None = None,
     overlap: float | None = None,
@@ -333,9 +342,9 @@ def iter_segment(
     s_over = {
         k: v for k, v in dict(samples=samples, sampler=sampler, eta=eta, threshold=threshold).items() if v is not None
     }
-    if steps != "default":
+    if steps is not DEFAULT:
         s_over["steps"] = steps
-    if seed != "default":
+    if seed is not DEFAULT:
         s_over["seed"] = seed
     sampling = dataclasses.replace(cfg.sampling, **s_over)
     if sampling.steps is not None and sampling.steps > mdl.diffusion.T:
@@ -521,8 +530,8 @@ def _local_tiles(runner: TileSampler, items, tiling: TilingConfig, seed: int):
 
     def flush():
         imgs = np.stack([to_chw(b) for _, b in batch])
-        means, seconds = runner(imgs, [w.index for w, _ in batch], seed)
-        return zip([w for w, _ in batch], means, seconds)
+        means, second_moments = runner(imgs, [w.index for w, _ in batch], seed)
+        return zip([w for w, _ in batch], means, second_moments)
 
     for item in items:
         batch.append(item)

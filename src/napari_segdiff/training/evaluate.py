@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from ..config import DEFAULT
 from ..engine import segment
 from ..io import atomic_write_bytes
 from ..models import load_model
@@ -16,12 +17,12 @@ from .metrics import all_metrics
 METRICS = ("dice", "iou", "wcov", "boundf", "calibration", "ece")
 
 
-def evaluate_samples(
+def evaluate_items(
     model,
-    samples,
+    items,
     *,
-    samples_n=None,
-    steps="default",
+    samples=None,
+    steps=DEFAULT,
     seed=0,
     overlap=None,
     device="auto",
@@ -32,11 +33,11 @@ def evaluate_samples(
     rows = []
     settings = None
     t0 = time.perf_counter()
-    for s in samples:
+    for s in items:
         kw = {"seed": seed, "device": device, "precision": precision}
-        if samples_n is not None:
-            kw["samples"] = samples_n
-        if steps != "default":
+        if samples is not None:
+            kw["samples"] = samples
+        if steps is not DEFAULT:
             kw["steps"] = steps
         if overlap is not None:
             kw["overlap"] = overlap
@@ -83,11 +84,11 @@ def evaluate_folder(
     data_samples = load_dataset(data, fmt)
     if names:
         _, data_samples = split_samples(data_samples, names)
-    report = evaluate_samples(
+    report = evaluate_items(
         model,
         data_samples,
-        samples_n=samples,
-        steps=steps if steps is not None else "default",
+        samples=samples,
+        steps=steps if steps is not None else DEFAULT,
         seed=seed,
         overlap=overlap,
         device=device,
