@@ -2,25 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
+from _helpers import tiny_model
 
 import napari_segdiff as ns
-from napari_segdiff.models import SegDiffModel
 
 distributed = pytest.importorskip("distributed")
 
 
-def _model():
-    m = SegDiffModel.from_config("tiny")
-    torch.manual_seed(1)
-    with torch.no_grad():  # a non-degenerate (non-zero output) network so samples differ
-        for p in m.net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
-
-
 def test_local_cluster_matches_single_process():
-    m = _model()
+    m = tiny_model(seed=1, perturb=0.05)
     img = np.random.default_rng(0).random((90, 110, 3)).astype(np.float32)
     img[:60, :60] = 0.0  # nodata: its 4 tiles are skipped on both roads
     kw = dict(samples=2, steps=3, tile=32, overlap=0.25, seed=3)

@@ -83,3 +83,38 @@ def test_eval_cli_names_an_unknown_image(folder_and_model, capsys):
     rc = main(["eval", "--model", str(path), "--data", str(root / "data"), "--names", "img9"])
     assert rc == 2
     assert "img9" in capsys.readouterr().err
+
+
+def test_eval_adds_object_metrics_where_instance_maps_exist(folder_and_model, tmp_path):
+    """An instances/ folder (one id per object) adds AJI, PQ, F1 and count error, per image and as the mean
+    over the images that have one, computed on segment()'s own instance labels."""
+    import shutil
+
+    from skimage.measure import label
+
+    from napari_segdiff.training.metrics import instance_metrics
+
+    root, path = folder_and_model
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    (data / "instances").mkdir()
+    mask = imread(data / "masks" / "img1.png") > 0
+    imsave(data / "instances" / "img1.png", label(mask).astype(np.uint16), check_contrast=False)
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", str(path), "--data", str(data), "--samples", "2", "--steps", "2", "--json", str(out)]
+    assert main([*args, "--precision", "fp32"]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["image"]: r for r in report["images"]}
+    assert "aji" not in rows["img0"] and "aji" in rows["img1"]  # only where an instance map exists
+    assert report["mean"]["images_with_instances"] == 1 and report["mean"]["aji"] == rows["img1"]["aji"]
+    r = segment(
+        imread(data / "images" / "img1.png"),
+        load_model(path),
+        samples=2,
+        steps=2,
+        seed=0,
+        precision="fp32",
+        instances=True,
+    )
+    want = instance_metrics(label(mask), r.labels)
+    assert rows["img1"]["aji"] == pytest.approx(want["aji"]) and rows["img1"]["pq"] == pytest.approx(want["pq"])

@@ -8,6 +8,7 @@ import pytest
 
 from napari_segdiff import SegDiffError
 from napari_segdiff.instances import label_instances
+from napari_segdiff.stacks import split_instances
 from napari_segdiff.training.metrics import aji, instance_metrics, object_scores
 
 
@@ -86,3 +87,14 @@ def test_unknown_method_and_bad_shape_refused():
         label_instances(np.ones((4, 4), bool), method="blobs")
     with pytest.raises(SegDiffError, match="2-D mask"):
         label_instances(np.ones((2, 4, 4), bool))
+
+
+def test_split_instances_separates_touching_discs():
+    yy, xx = np.mgrid[:40, :60]
+    mask = ((yy - 20) ** 2 + (xx - 18) ** 2 < 100) | ((yy - 20) ** 2 + (xx - 38) ** 2 < 100)
+    mask[2, 55] = True  # a lone pixel keeps a label of its own
+    labels = split_instances(mask, min_distance=5)
+    assert labels.dtype == np.int32 and set(np.unique(labels)) == {0, 1, 2, 3}
+    assert labels[20, 18] != labels[20, 38] and labels[2, 55] not in (0, labels[20, 18], labels[20, 38])
+    np.testing.assert_array_equal(labels > 0, mask)
+    assert not split_instances(np.zeros((5, 5), bool)).any()

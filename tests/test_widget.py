@@ -18,7 +18,6 @@ from napari_segdiff import (
     segment,
 )
 from napari_segdiff._widget import SegDiffWidget, SliceProgress
-from napari_segdiff.stacks import split_instances
 
 pytestmark = pytest.mark.gui
 
@@ -225,17 +224,6 @@ def test_bad_settings_report_and_add_nothing(qtbot, dock):
     run_and_wait(qtbot, widget)
     assert widget.status.value.startswith("error:") and "does not exist" in widget.status.value
     assert [layer.name for layer in viewer.layers] == ["img"]
-
-
-def test_split_instances_separates_touching_discs():
-    yy, xx = np.mgrid[:40, :60]
-    mask = ((yy - 20) ** 2 + (xx - 18) ** 2 < 100) | ((yy - 20) ** 2 + (xx - 38) ** 2 < 100)
-    mask[2, 55] = True  # a lone pixel keeps a label of its own
-    labels = split_instances(mask, min_distance=5)
-    assert labels.dtype == np.int32 and set(np.unique(labels)) == {0, 1, 2, 3}
-    assert labels[20, 18] != labels[20, 38] and labels[2, 55] not in (0, labels[20, 18], labels[20, 38])
-    np.testing.assert_array_equal(labels > 0, mask)
-    assert not split_instances(np.zeros((5, 5), bool)).any()
 
 
 def test_window_screenshot_with_results_is_not_blank(qtbot, dock):

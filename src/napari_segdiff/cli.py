@@ -258,12 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     s.set_defaults(func=cmd_segment)
-    sub.add_parser(
-        "eval",
-        help="score a model on a folder of images and masks (napari-segdiff-train eval; "
-        "see `napari-segdiff eval --help`)",
-        add_help=False,
-    )
+    from .training.cli import add_eval_parser
+
+    add_eval_parser(sub)
     m = sub.add_parser("models", help="list shipped and user models")
     m.set_defaults(func=cmd_models)
     return p
@@ -309,10 +306,6 @@ def run_command(func, args, debug: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv and argv[0] == "eval":
-        from .training.cli import main as train_main
-
-        return train_main(argv)
     args = build_parser().parse_args(argv)
     return run_command(args.func, args, debug=getattr(args, "debug", False))
 

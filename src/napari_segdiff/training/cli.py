@@ -282,7 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     f.add_argument("-q", "--quiet", action="store_true")
     f.set_defaults(func=cmd_finetune)
-    v = sub.add_parser("eval", help="evaluate a model on a folder (Dice, IoU, WCov, BoundF, calibration)")
+    add_eval_parser(sub)
+    return p
+
+
+def add_eval_parser(sub) -> None:
+    """The ``eval`` subcommand, shared by napari-segdiff-train and napari-segdiff."""
+    v = sub.add_parser(
+        "eval",
+        help="score a model on a folder of images and masks (Dice, IoU, WCov, BoundF, "
+        "calibration, and AJI/PQ/F1 where instance maps exist), per image and the mean",
+    )
     v.add_argument("--model", default=None, help="shipped model name or model file (default: the default model)")
     v.add_argument("--data", required=True)
     v.add_argument("--format", default="folder")
@@ -300,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--json", default=None, help="write the report here (default: next to nothing, print only)")
     v.set_defaults(func=cmd_eval)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

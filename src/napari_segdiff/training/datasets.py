@@ -21,6 +21,7 @@ class Sample:
     name: str
     image: np.ndarray  # (H, W, 3) uint8
     mask: np.ndarray  # (H, W) bool
+    instances: np.ndarray | None = None  # (H, W) int32 object ids (0 = background) where the data has them
 
 
 def _rgb_uint8(img: np.ndarray) -> np.ndarray:
@@ -59,12 +60,18 @@ def load_folder(root: str | Path) -> list[Sample]:
         )
     if not imgs:
         raise SegDiffError(f"no images found in {root / 'images'} ({', '.join(IMAGE_EXT)})")
+    insts = _stems(root / "instances") if (root / "instances").is_dir() else {}
     out = []
     for name, p in imgs.items():
         img, m = _rgb_uint8(read_image(p)), _binary(read_image(masks[name]), name)
         if img.shape[:2] != m.shape:
             raise SegDiffError(f"image {p.name} is {img.shape[:2]} but its mask is {m.shape}")
-        out.append(Sample(name, img, m))
+        inst = None
+        if name in insts:  # optional: root/instances/NAME.* with one id per object (for the object metrics)
+            inst = np.asarray(read_image(insts[name])).astype(np.int32)
+            if inst.shape != m.shape:
+                raise SegDiffError(f"instance map {insts[name].name} is {inst.shape} but the mask is {m.shape}")
+        out.append(Sample(name, img, m, inst))
     return out
 
 

@@ -12,9 +12,10 @@ from ..engine import segment
 from ..io import atomic_write_bytes
 from ..models import load_model
 from .datasets import load_dataset, split_samples
-from .metrics import all_metrics
+from .metrics import all_metrics, instance_metrics
 
 METRICS = ("dice", "iou", "wcov", "boundf", "calibration", "ece")
+OBJECT_METRICS = ("aji", "pq", "dq", "sq", "f1_50", "count_error")
 
 
 def evaluate_items(
@@ -41,8 +42,11 @@ def evaluate_items(
             kw["steps"] = steps
         if overlap is not None:
             kw["overlap"] = overlap
-        r = segment(s.image, mdl, **kw)
+        has_instances = getattr(s, "instances", None) is not None
+        r = segment(s.image, mdl, instances=has_instances, **kw)
         m = all_metrics(r.probability, s.mask)
+        if has_instances:  # object metrics against the instance map, by the model's instance method
+            m.update(instance_metrics(s.instances, np.asarray(r.labels)))
         m["seconds"] = r.info["seconds"]
         rows.append({"image": s.name, **m})
         settings = {
@@ -61,10 +65,17 @@ def evaluate_items(
             )
         }
         if verbose:
-            print(f"{s.name:40s} " + " ".join(f"{k} {m[k]:.4f}" for k in METRICS))
+            print(f"{s.name:40s} " + " ".join(f"{k} {m[k]:.4f}" for k in METRICS + OBJECT_METRICS if k in m))
     mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS + ("seconds",)}
+    with_objects = [r for r in rows if "aji" in r]
+    if with_objects:  # over the images that have instance maps
+        mean.update({k: float(np.mean([r[k] for r in with_objects])) for k in OBJECT_METRICS})
+        mean["images_with_instances"] = len(with_objects)
     if verbose:
-        print(f"{'mean (' + str(len(rows)) + ' images)':40s} " + " ".join(f"{k} {mean[k]:.4f}" for k in METRICS))
+        print(
+            f"{'mean (' + str(len(rows)) + ' images)':40s} "
+            + " ".join(f"{k} {mean[k]:.4f}" for k in METRICS + OBJECT_METRICS if k in mean)
+        )
     return {"settings": settings, "mean": mean, "images": rows, "wall_seconds": time.perf_counter() - t0}
 
 
