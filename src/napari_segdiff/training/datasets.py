@@ -36,7 +36,7 @@ def _rgb_uint8(img: np.ndarray) -> np.ndarray:
     return img
 
 
-def _binary(mask: np.ndarray, name: str) -> np.ndarray:
+def _binary(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim == 3:
         mask = mask[..., 0]
@@ -63,7 +63,7 @@ def load_folder(root: str | Path) -> list[Sample]:
     insts = _stems(root / "instances") if (root / "instances").is_dir() else {}
     out = []
     for name, p in imgs.items():
-        img, m = _rgb_uint8(read_image(p)), _binary(read_image(masks[name]), name)
+        img, m = _rgb_uint8(read_image(p)), _binary(read_image(masks[name]))
         if img.shape[:2] != m.shape:
             raise SegDiffError(f"image {p.name} is {img.shape[:2]} but its mask is {m.shape}")
         inst = None
@@ -129,7 +129,7 @@ def load_vaihingen(root: str | Path, split: str = "train") -> list[Sample]:
         mp = p.with_name(f"building_mask_{m.group(1)}{p.suffix}")
         if not mp.exists():
             raise SegDiffError(f"{p.name} has no mask {mp.name} beside it")
-        out.append(Sample(p.stem, _rgb_uint8(read_image(p)), _binary(read_image(mp), mp.name)))
+        out.append(Sample(p.stem, _rgb_uint8(read_image(p)), _binary(read_image(mp))))
     if not out:
         raise SegDiffError(f"no Vaihingen {split} files (building_XXX.tif + building_mask_XXX.tif) under {root}")
     return out
