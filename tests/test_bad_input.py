@@ -10,6 +10,7 @@ import errno
 import os
 import re
 import signal
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -475,3 +476,13 @@ def test_cli_processes_a_stack_slice_by_slice(model_file, tmp_path):
     one = ns.segment(stack[2], ns.load_model(model_file), samples=2, steps=2, tile=32, seed=0)
     np.testing.assert_allclose(prob[2], one.probability, atol=1e-5)
     assert np.abs(prob[1] - prob[2]).max() > 1e-4
+
+
+def test_every_test_named_in_the_bad_input_doc_exists():
+    """docs/bad-input.md lists each refusal with the test that shows it: those tests must exist."""
+    root = Path(__file__).resolve().parents[1]
+    named = set(re.findall(r"`(?:tests/\w+\.py::)?(test_\w+)`", (root / "docs" / "bad-input.md").read_text()))
+    defined = set()
+    for f in (root / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", f.read_text(), flags=re.M))
+    assert named and not named - defined, f"named in docs/bad-input.md but not defined: {sorted(named - defined)}"
