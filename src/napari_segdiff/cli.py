@@ -23,6 +23,18 @@ from .config import SamplingConfig, SegmentConfig, TilingConfig, add_arguments
 
 
 def cmd_segment(args) -> int:
+    try:
+        return _cmd_segment(args)
+    except Exception as e:  # data that fails while its tiles are read (lazily): say which file and what
+        if type(e).__module__.split(".")[0] in ("tifffile", "zarr", "numcodecs", "PIL", "imagecodecs"):
+            raise SegDiffError(
+                f"cannot read {str(args.input)!r} while segmenting it: {type(e).__name__}: {e}; the file is "
+                "truncated or corrupt (check it opens in another program, or export it again)"
+            ) from None
+        raise
+
+
+def _cmd_segment(args) -> int:
     from tqdm import tqdm
 
     from .engine import Progress, SegmentationResult, drain, iter_segment
@@ -72,7 +84,7 @@ def cmd_segment(args) -> int:
     if stream:  # big images: stream straight into a temp zarr store, renamed when complete
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        kw["out"] = str(tmp)
+        kw["out"], kw["overwrite"] = str(tmp), True  # the run's own fresh temp store
     bar = None
 
     def show(p: Progress) -> None:

@@ -317,6 +317,7 @@ def iter_segment(
     pixel_unit: str | None = None,
     instances: bool = False,
     skip_empty: bool | None = None,
+    overwrite: bool = False,
 ) -> Iterator[Progress | SegmentationResult]:
     """Segment a 2-D grey or RGB(A) image (numpy, dask or zarr), yielding :class:`Progress` per tile
     and finally a :class:`SegmentationResult`. Keyword arguments override ``config``; a model's own
@@ -333,8 +334,16 @@ def iter_segment(
     ``skip_empty`` (default on) gives tiles that need no model probability 0 and variance 0 without sampling
     them: fully transparent tiles of an RGBA image, uniform tiles (nodata fill) and, for a model whose file
     declares a bright background (``meta['background'] == 'bright'``: bright-field slides), tiles without
-    tissue. ``info['skipped_tiles']`` counts them and ``info['skipped']`` gives the reasons."""
+    tissue. ``info['skipped_tiles']`` counts them and ``info['skipped']`` gives the reasons.
+
+    ``out`` (a path or a zarr group) streams the outputs into a zarr store instead of memory. A path is
+    refused when it is, holds or lies inside a store the image is read from, and when it already exists
+    unless ``overwrite=True``; it is checked to be writable before any work."""
     t_start = time.perf_counter()
+    if isinstance(out, (str, os.PathLike)):
+        from .io import check_output
+
+        check_output(out, [image], overwrite, formats=False, how="pass overwrite=True")
     dev = resolve_device(device or (config.device if config else "auto"))
     mdl = load_model(model, device=dev)
     cfg = config or recommended_config(mdl)

@@ -240,7 +240,9 @@ def _input_paths(i) -> list[Path]:
     return out
 
 
-def check_output(out: str | os.PathLike, inputs: list, overwrite: bool) -> Path:
+def check_output(
+    out: str | os.PathLike, inputs: list, overwrite: bool, formats: bool = True, how: str = "pass --overwrite"
+) -> Path:
     """The one output guard (CLI, ``segment(out=)``, export, pack, eval --json). Refuses an output that is an
     input, lies inside one or holds one; an existing output without ``overwrite``; and an output that cannot
     be written (checked now, before any work)."""
@@ -261,11 +263,11 @@ def check_output(out: str | os.PathLike, inputs: list, overwrite: bool) -> Path:
                 raise SegDiffError(
                     f"output {str(out)!r} lies inside the input {str(ip)!r}; choose an output outside it"
                 )
-    if out.suffix.lower() not in WRITE_EXT:
+    if formats and out.suffix.lower() not in WRITE_EXT:
         raise SegDiffError(f"unknown output format {out.suffix!r} for {str(out)!r}; use .tif/.tiff, .zarr or .geojson")
     if out.exists() and not overwrite:
-        raise SegDiffError(f"output {str(out)!r} already exists; choose another path or pass --overwrite")
-    check_writable(out, dir_ok=out.suffix.lower() == ".zarr")
+        raise SegDiffError(f"output {str(out)!r} already exists; choose another path or {how}")
+    check_writable(out, dir_ok=out.suffix.lower() == ".zarr" or not formats)
     return out
 
 

@@ -27,6 +27,7 @@ from .io import atomic_write_bytes
 from .network import SegDiffNet
 
 FORMAT = "napari-segdiff-model"
+_STR_KEYS = ("time_embedding", "beta_schedule", "parameterization")  # config keys whose values are strings
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGISTRY_FILE = WEIGHTS_DIR / "models.json"
 #: the model ``segment(image)`` uses when none is named
@@ -263,6 +264,13 @@ def _from_payload(payload, path, digest: str | None, name: str | None, device) -
         cfg = NetworkConfig.from_dict(payload["config"])
     except SegDiffError as e:
         raise ModelFileError(f"model file {str(path)!r} has an invalid config: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong type, a missing key
+        bad = [k for k, v in (payload.get("config") or {}).items() if isinstance(v, str) and k not in _STR_KEYS]
+        raise ModelFileError(
+            f"model file {str(path)!r} has an invalid config"
+            + (f" (wrongly typed: {', '.join(bad)})" if bad else "")
+            + f": {type(e).__name__}: {e}"
+        ) from None
     net = SegDiffNet(cfg)
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     try:

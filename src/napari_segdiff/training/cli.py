@@ -62,7 +62,19 @@ def cmd_train(args) -> int:
 
     d: dict[str, Any] = {}
     if args.config:
-        d.update(json.loads(Path(args.config).read_text()))
+        try:
+            recipe = json.loads(Path(args.config).read_text())
+        except OSError as e:
+            raise SegDiffError(f"cannot read --config {args.config!r}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise SegDiffError(
+                f"--config {args.config!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+            ) from None
+        if not isinstance(recipe, dict):
+            raise SegDiffError(
+                f"--config {args.config!r} must hold a JSON object of settings, got {type(recipe).__name__}"
+            )
+        d.update(recipe)
     d.update(_overrides(args))
     d["net"] = {**d.get("net", {}), **_net_overrides(args.net)}
     cfg = TrainConfig.from_dict(d)
