@@ -39,7 +39,9 @@ def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, 
         gt = read_image(data / "masks" / f"{n}.png") > 0
         inst = read_image(data / "instances" / f"{n}.png").astype(np.int64)
         kw = {"pixel_size": float(meta[n]["gsd_m"])} if use_pixel_size else {}
-        r = ns.segment(img, model, samples=samples, steps=steps, seed=seed, instances=True, **kw)
+        # None: the model's recommended sampling (steps=None would mean all T diffusion steps)
+        kw.update({k: v for k, v in (("samples", samples), ("steps", steps)) if v is not None})
+        r = ns.segment(img, model, seed=seed, instances=True, **kw)
         m = np.asarray(r.mask)
         rows.append(
             {

@@ -11,7 +11,7 @@ import napari_segdiff as ns
 from napari_segdiff.models import REGISTRY_FILE, WEIGHTS_DIR, SegDiffModel, sha256_of
 from napari_segdiff.training.metrics import dice, iou
 
-BOUND_ALL = 0.60
+BOUND_ALL = 0.70  # measured 0.83 (the scene overlaps training tiles); an untrained network: 0.0
 CASES = {
     # model: (sample image, sample mask, crop, metric, bound)
     "nuclei-he": ("nuclei_he.png", "nuclei_he_mask.png", (slice(0, 256), slice(0, 256)), dice, 0.70),
