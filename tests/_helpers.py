@@ -39,3 +39,20 @@ def disc_image(size: int = 32, seed: int = 0, n_discs: int = 3, radius: tuple[fl
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def disc_folder(root, n: int = 3, size: int = 48, prefix: str = "img", mask_value: int = 255, **disc_kw):
+    """A training/eval folder (root/images, root/masks) of ``n`` disc images named PREFIX0.png, PREFIX1.png, ...;
+    ``mask_value`` 255 for 0/255 masks, another value for label-like masks."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        img, mask = disc_image(size, seed=i, **disc_kw)
+        Image.fromarray(img).save(root / "images" / f"{prefix}{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * mask_value).save(root / "masks" / f"{prefix}{i}.png")
+    return root

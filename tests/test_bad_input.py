@@ -27,6 +27,7 @@ from napari_segdiff.cli import main as cli_main
 from napari_segdiff.models import SegDiffModel, save_model
 
 FAST = dict(samples=2, steps=2, tile=32, overlap=0.25, seed=0)
+FAST_CLI = ["--samples", "2", "--steps", "2", "--tile", "32", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -255,13 +256,7 @@ def test_cli_paths_with_spaces_and_non_ascii(model_file, tmp_path):
                 str(out),
                 "--model",
                 str(model_file),
-                "--samples",
-                "2",
-                "--steps",
-                "2",
-                "--tile",
-                "32",
-                "-q",
+                *FAST_CLI,
             ]
         )
         == 0
@@ -457,13 +452,7 @@ def test_cli_processes_a_stack_slice_by_slice(model_file, tmp_path):
                 str(out),
                 "--model",
                 str(model_file),
-                "--samples",
-                "2",
-                "--steps",
-                "2",
-                "--tile",
-                "32",
-                "-q",
+                *FAST_CLI,
             ]
         )
         == 0

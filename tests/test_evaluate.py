@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from _helpers import disc_image, tiny_model
+from _helpers import disc_folder, tiny_model
 from skimage.io import imread, imsave
 
 from napari_segdiff import segment
@@ -18,12 +18,7 @@ from napari_segdiff.training.metrics import all_metrics
 @pytest.fixture(scope="module")
 def folder_and_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    (root / "data" / "images").mkdir(parents=True)
-    (root / "data" / "masks").mkdir()
-    for i in range(3):
-        img, mask = disc_image(64, seed=i, n_discs=4)
-        imsave(root / "data" / "images" / f"img{i}.png", img, check_contrast=False)
-        imsave(root / "data" / "masks" / f"img{i}.png", mask.astype(np.uint8) * 255, check_contrast=False)
+    disc_folder(root / "data", 3, 64, n_discs=4)
     path = root / "tiny.pt"
     save_model(tiny_model(seed=0), path, meta={"tiling": {"tile": 32}})  # the tiny net is for 32-px tiles
     return root, path

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers import disc_image, tiny_model
+from _helpers import disc_folder, disc_image, tiny_model
 from PIL import Image
 
 import napari_segdiff as ns
@@ -36,14 +36,7 @@ def base(tmp_path_factory):
 
 
 def _folder(root, n=4, size=48, instance_masks=False):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        img, mask = disc_image(size, seed=i)
-        Image.fromarray(img).save(root / "images" / f"im{i}.png")
-        m = mask.astype(np.uint8) * (7 if instance_masks else 255)
-        Image.fromarray(m).save(root / "masks" / f"im{i}.png")
-    return root
+    return disc_folder(root, n, size, prefix="im", mask_value=7 if instance_masks else 255)
 
 
 def test_finetune_writes_a_model_with_its_provenance_and_registers_it(base, tmp_path, user_dir):

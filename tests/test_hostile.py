@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from _helpers import disc_image, tiny_model
+from _helpers import disc_folder, tiny_model
 from PIL import Image
 
 import napari_segdiff as ns
@@ -83,12 +83,7 @@ def test_library_out_refuses_an_existing_store_unless_overwrite(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    (root / "data" / "images").mkdir(parents=True)
-    (root / "data" / "masks").mkdir()
-    for i in range(3):
-        img, mask = disc_image(48, seed=i)
-        Image.fromarray(img).save(root / "data" / "images" / f"{i}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "data" / "masks" / f"{i}.png")
+    disc_folder(root / "data", 3, 48, prefix="")
     args = [
         "train",
         "--data",

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser(
         "pack",
         help="a smaller resumable copy of a run's last.pt (float16 EMA, bfloat16 Adam "
-        "moments) to keep between sessions",
+        "moments), to continue the run on another machine",
     )
     k.add_argument("run", help="a run folder (its last.pt) or a checkpoint file")
     k.add_argument("-o", "--output", required=True)

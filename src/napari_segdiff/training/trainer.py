@@ -453,7 +453,7 @@ class Trainer:
 
 
 def pack_checkpoint(src: str | Path, dst: str | Path) -> tuple[int, int]:
-    """Write a smaller resumable state (for committing to a repository between sessions): the model
+    """Write a smaller resumable state (to continue a run on another machine): the model
     stays float32, the EMA is stored in float16 (what ``export`` ships anyway) and Adam's moments in
     bfloat16; step, RNG states and config are kept. ``resume`` reads it like any checkpoint (the
     optimizer and the EMA cast back to float32), so training continues, not bit-identically. Returns
