@@ -138,6 +138,8 @@ class SegDiffWidget(Container):
             tooltip="Add a Labels layer with one id per object, by the model's instance "
             "method (nuclei: watershed; buildings: connected components)",
         )
+        opts = widget_options(SamplingConfig, "tta")
+        self.tta = CheckBox(text=opts["label"], value=_SAMPLING.tta, tooltip=opts["tooltip"])
         opts = widget_options(TilingConfig, "skip_empty")
         self.skip_empty = CheckBox(text=opts["label"], value=_TILING.skip_empty, tooltip=opts["tooltip"])
         self.run_button = PushButton(text="Run")
@@ -152,6 +154,7 @@ class SegDiffWidget(Container):
                 self.steps,
                 self.sampler,
                 self.eta,
+                self.tta,
                 self.tile,
                 self.overlap,
                 self.batch_size,
@@ -220,6 +223,7 @@ class SegDiffWidget(Container):
         self.steps.value = rec.steps if rec.steps is not None else mdl.diffusion.T
         self.sampler.value = rec.sampler
         self.eta.value = rec.eta
+        self.tta.value = rec.tta
         self.overlap.value = rec_cfg.tiling.overlap
         # the tile must reach the network as a multiple of its downsampling factor: the step follows the model
         self.tile.step = tile_multiple(mdl)
@@ -252,6 +256,7 @@ class SegDiffWidget(Container):
             steps=int(self.steps.value),
             sampler=str(self.sampler.value),
             eta=float(self.eta.value),
+            tta=bool(self.tta.value),
             seed=seed,
             threshold=float(self.threshold.value),
         )
@@ -264,7 +269,7 @@ class SegDiffWidget(Container):
         cfg = SegmentConfig(
             sampling=sampling, tiling=tiling, device=str(self.device.value), precision=str(self.precision.value)
         )
-        kw = {k: getattr(sampling, k) for k in ("samples", "steps", "sampler", "eta", "seed", "threshold")}
+        kw = {k: getattr(sampling, k) for k in ("samples", "steps", "sampler", "eta", "tta", "seed", "threshold")}
         kw.update({k: getattr(tiling, k) for k in ("tile", "overlap", "batch_size", "skip_empty")})
         return dict(kw, device=cfg.device, precision=cfg.precision)
 

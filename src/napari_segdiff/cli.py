@@ -68,6 +68,7 @@ def _cmd_segment(args) -> int:
             "threshold",
             "sampler",
             "eta",
+            "tta",
             "skip_empty",
         )
         if getattr(args, k) is not None
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in a GeoTIFF input's map coordinates)",
     )
     s.add_argument("--model", default=None, help="shipped model name or model file (default: nuclei-he)")
-    add_arguments(s, SamplingConfig, ("samples", "steps", "sampler", "eta"))
+    add_arguments(s, SamplingConfig, ("samples", "steps", "sampler", "eta", "tta"))
     s.add_argument(
         "--pixel-size",
         dest="pixel_size",

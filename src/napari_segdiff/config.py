@@ -303,6 +303,12 @@ class SamplingConfig:
         "ddpm", "reverse update: the DDPM posterior or DDIM", choices=("ddpm", "ddim")
     )
     eta: float = param(1.0, "DDIM only: 0 deterministic, 1 DDPM-like noise", min=0.0, max=1.0, step=0.1)
+    tta: bool = param(
+        False,
+        "test-time augmentation: each sample of a tile sees the tile flipped or rotated (a different one of "
+        "the 8 for each sample, mapped back before averaging); same number of network evaluations",
+        label="flip/rotate samples (TTA)",
+    )
     seed: int | None = param(0, "random seed of the sampling noise", min=0, max=2**63 - 1, step=1, none="a random seed")
     threshold: float = param(0.5, "mask = probability > threshold", min=0.0, max=1.0, step=0.05)
 

@@ -195,6 +195,28 @@ def tile_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index) * 7919 + 12345) % (2**63 - 1)
 
 
+#: the dihedral group as (quarter turns, mirror first): the four that keep a non-square tile's shape first
+DIHEDRAL = ((0, False), (0, True), (2, True), (2, False), (1, False), (3, False), (1, True), (3, True))
+
+
+def dihedral(x: torch.Tensor, n: int, inverse: bool = False) -> torch.Tensor:
+    """Sample j (of ``n`` per tile, batch ordered tile-major) of ``x`` (B*n, C, h, w) under group element
+    j mod 8 of :data:`DIHEDRAL` (mod 4, the shape-keeping ones, when the tile is not square); ``inverse``
+    maps back. Every element used keeps the tile's shape."""
+    m = 8 if x.shape[-1] == x.shape[-2] else 4
+    out = torch.empty_like(x)
+    for j in range(n):
+        k, mirror = DIHEDRAL[j % m]
+        part = x[j::n]
+        if inverse:
+            part = torch.rot90(part, -k, dims=(-2, -1))
+            out[j::n] = torch.flip(part, dims=(-1,)) if mirror else part
+        else:
+            part = torch.flip(part, dims=(-1,)) if mirror else part
+            out[j::n] = torch.rot90(part, k, dims=(-2, -1))
+    return out
+
+
 class TileSampler:
     """Samples batches of tiles with one model: the unit a worker process holds."""
 
@@ -242,9 +264,16 @@ class TileSampler:
                 x_img = torch.nn.functional.interpolate(x_img, size=(h, w), mode="area" if scale < 1 else "bilinear")
             if self.channels_last:
                 x_img = x_img.contiguous(memory_format=torch.channels_last)
-            feats = net.encode_image(x_img)  # G(I): once per tile, reused by every step and sample
-            self.encoder_evaluations += B
-            feats = feats.repeat_interleave(N, dim=0)
+            if s.tta:  # sample j of a tile sees the tile under group element j: G(I) once per sample
+                x_img = dihedral(x_img.repeat_interleave(N, dim=0), N)
+                if self.channels_last:
+                    x_img = x_img.contiguous(memory_format=torch.channels_last)
+                feats = net.encode_image(x_img)
+                self.encoder_evaluations += B * N
+            else:
+                feats = net.encode_image(x_img)  # G(I): once per tile, reused by every step and sample
+                self.encoder_evaluations += B
+                feats = feats.repeat_interleave(N, dim=0)
 
             def model_fn(x_t, t):
                 self.network_evaluations += 1
@@ -261,6 +290,8 @@ class TileSampler:
                 device=self.device,
                 noise_fn=noise_fn,
             )
+            if s.tta:
+                x0 = dihedral(x0, N, inverse=True)  # each sample back to the tile's own orientation
         return ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, h, w)
 
     def __call__(self, images: np.ndarray, indices: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,6 +333,7 @@ def iter_segment(
     steps: int | None = DEFAULT,
     sampler: str | None = None,
     eta: float | None = None,
+    tta: bool | None = None,
     seed: int | None = DEFAULT,
     threshold: float | None = None,
     tile: int | None = None,
@@ -349,7 +381,9 @@ def iter_segment(
     cfg = config or recommended_config(mdl)
     prec = resolve_precision(precision or cfg.precision, dev)
     s_over = {
-        k: v for k, v in dict(samples=samples, sampler=sampler, eta=eta, threshold=threshold).items() if v is not None
+        k: v
+        for k, v in dict(samples=samples, sampler=sampler, eta=eta, tta=tta, threshold=threshold).items()
+        if v is not None
     }
     if steps is not DEFAULT:
         s_over["steps"] = steps
@@ -423,6 +457,7 @@ def iter_segment(
         "samples": sampling.samples,
         "steps": sampling.steps if sampling.steps is not None else mdl.diffusion.T,
         "sampler": sampling.sampler,
+        "tta": sampling.tta,
         "seed": run_seed,
         "threshold": thr,
         "tile": tiling.tile,
@@ -580,7 +615,7 @@ def recommended_config(mdl: SegDiffModel) -> SegmentConfig:
     """The settings ``segment()`` uses for a model when none are given: the sampling (and tiling)
     recommended in its file's metadata (measured for the shipped models), else the config defaults."""
     rec = mdl.meta.get("sampling") or {}
-    sampling = SamplingConfig(**{k: v for k, v in rec.items() if k in ("samples", "steps", "sampler", "eta")})
+    sampling = SamplingConfig(**{k: v for k, v in rec.items() if k in ("samples", "steps", "sampler", "eta", "tta")})
     trec = mdl.meta.get("tiling") or {}
     tiling = TilingConfig(**{k: v for k, v in trec.items() if k in ("tile", "overlap", "batch_size")})
     return SegmentConfig(sampling=sampling, tiling=tiling)
