@@ -141,6 +141,35 @@ def test_export_samples_zero_and_a_missing_run_are_refused_up_front(run_dir, tmp
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_export_stores_the_instance_method_and_tta_segment_then_uses(run_dir, tmp_path):
+    out = tmp_path / "m.pt"
+    args = ("export", run_dir / "run", "--name", "x", "-o", out, "--instances", "hmaxima,h=0.5,min_area=10", "--tta")
+    assert _run(train_cli, *args) == 0
+    assert ns.load_model(out).meta["instances"] == {"method": "hmaxima", "h": 0.5, "min_area": 10.0}
+    assert ns.load_model(out).meta["sampling"]["tta"] is True
+    img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    r = ns.segment(img, str(out), tile=32, samples=1, steps=1, instances=True)
+    assert r.info["instances"]["method"] == "hmaxima" and r.info["instances"]["h"] == 0.5
+    assert r.info["tta"] is True  # the file's recommendation is segment()'s default
+
+
+@pytest.mark.parametrize(
+    "spec, why",
+    [
+        ("blobs", "unknown method"),
+        ("hmaxima,h", "key=value"),
+        ("hmaxima,size=3", "key=value"),
+        ("hmaxima,h=x", "must be a number"),
+        ("hmaxima,min_area=-1", ">= 0"),
+        (",", "give a method"),
+    ],
+)
+def test_export_refuses_a_bad_instance_method(run_dir, tmp_path, capsys, spec, why):
+    out = tmp_path / "m.pt"
+    assert _run(train_cli, "export", run_dir / "run", "--name", "x", "-o", out, "--instances", spec) == 2
+    assert why in capsys.readouterr().err and not out.exists()
+
+
 # ---------------------------------------------------------------- silently wrong
 def test_cmyk_jpeg_is_read_as_its_rgb(tmp_path):
     yy, xx = np.mgrid[:64, :64]

@@ -119,11 +119,36 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def parse_instances(text: str) -> dict:
+    """``METHOD[,key=value...]`` (e.g. ``hmaxima,h=0.5,min_area=10``) as the model file's instance settings."""
+    from ..instances import METHODS
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise SegDiffError("--instances: give a method, e.g. hmaxima,h=0.5,min_area=10")
+    method, *pairs = parts
+    if method not in METHODS:
+        raise SegDiffError(f"--instances: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    out: dict = {"method": method}
+    allowed = {"min_area", "min_distance", "h"}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or k not in allowed:
+            raise SegDiffError(f"--instances: expected key=value with a key of {sorted(allowed)}, got {p!r}")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise SegDiffError(f"--instances: {k} must be a number, got {v!r}") from None
+        if out[k] < 0:
+            raise SegDiffError(f"--instances: {k} must be >= 0, got {v!r}")
+    return out
+
+
 def cmd_export(args) -> int:
     from ..models import WEIGHTS_DIR
     from .trainer import export
 
-    sampling = {"samples": args.samples, "steps": args.steps}
+    sampling = {"samples": args.samples, "steps": args.steps, **({"tta": True} if args.tta else {})}
     tiling = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
     from ..io import check_file_output
 
@@ -144,6 +169,8 @@ def cmd_export(args) -> int:
         meta["pixel_unit"] = args.pixel_unit
     if args.description:
         meta["description"] = args.description
+    if args.instances:
+        meta["instances"] = parse_instances(args.instances)
     path, sha, half = export(args.run, out, args.name, checkpoint=args.checkpoint, sampling=sampling, extra_meta=meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {'fp16' if half else 'fp32'})\nsha256 {sha}")
     if args.install:
@@ -254,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=5, help="recommended samples stored in the file")
     e.add_argument("--steps", type=int, default=10, help="recommended steps stored in the file")
     e.add_argument("--description")
+    e.add_argument("--tta", action="store_true", help="recommend test-time augmentation (stored in the file)")
     e.add_argument("--tile", type=int, default=None, help="recommended tile stored in the file")
     e.add_argument("--overlap", type=float, default=None, help="recommended overlap stored in the file")
     e.add_argument(
@@ -264,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the pixel size the model was trained at (recorded in the file; segment() resamples to it)",
     )
     e.add_argument("--pixel-unit", dest="pixel_unit", default="um", help="unit of --pixel-size: um or m (default um)")
+    e.add_argument(
+        "--instances",
+        default=None,
+        help="instance method stored in the file, METHOD[,key=value...], e.g. hmaxima,h=0.5,min_area=10 "
+        "(default: connected components)",
+    )
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.add_argument(
         "--install",
