@@ -2,75 +2,234 @@
 minutes, scored on the place's other images. The k images are chosen by highest mean variance of the base
 model's run (the review list) or at random.
 
-    python benchmarks/adaptation.py --base runs/lopo-kampala.pt --place Kampala --minutes 2,5 --k 4
+    python benchmarks/adaptation.py --base runs/lopo-kampala/model.pt --place Kampala --minutes 2,5,10,20 --k 4
+    python benchmarks/adaptation.py --base runs/lopo-breast/model.pt --organ Breast --minutes 2,5,10 --k 4
 
-Prints one row per (choice, minutes): pooled IoU on the held-out tiles of the place, against the base model.
+One fine-tuning run per choice, as long as the longest budget: at each shorter budget the run's state is
+taken as a run with that budget would have ended (the best validated state so far, after the validation a
+run that runs out of time makes), so the rows are what ``napari-segdiff-train finetune --minutes M`` gives,
+without paying 2 + 5 + 10 + 20 minutes. Prints one row per (choice, minutes) against the base model and,
+with ``--reference``, against a model trained with the place.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
-from buildings_eval import DATA, evaluate, summary, tiles
+from buildings_eval import DATA, evaluate, tiles
 
+from napari_segdiff.models import load_model
 from napari_segdiff.training.finetune import finetune
+from napari_segdiff.training.trainer import export
+
+ROOT = Path(__file__).resolve().parents[1]
+KEEP_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment")  # what finetune() carries over
+MONUSEG = ROOT.parent / "shared/data/monuseg/train"
+
+
+def nuclei_rows(model, names, data: Path = MONUSEG, seed: int = 0):
+    """Per-image pixel counts and instance metrics of a nuclei model on MoNuSeg training images."""
+    import napari_segdiff as ns
+    from napari_segdiff.io import read_image
+    from napari_segdiff.training.metrics import instance_metrics
+
+    rows = []
+    for n in names:
+        img = read_image(data / "images" / f"{n}.png")[..., :3]
+        gt = read_image(data / "masks" / f"{n}.png") > 0
+        r = ns.segment(img, model, seed=seed, instances=True)
+        m = np.asarray(r.mask)
+        inst = data / "instances" / f"{n}.png"
+        im = instance_metrics(read_image(inst).astype(np.int64), r.labels) if inst.exists() else {}
+        rows.append(
+            {
+                "name": n,
+                "place": "all",
+                "inter": int((m & gt).sum()),
+                "union": int((m | gt).sum()),
+                "dice": float(2 * (m & gt).sum() / max(1, m.sum() + gt.sum())),
+                "iou": float((m & gt).sum() / max(1, (m | gt).sum())),
+                **{k: v for k, v in im.items() if k in ("aji", "f1_50")},
+                "mean_variance": float(np.mean(r.variance)),
+            }
+        )
+    return rows
+
+
+def scores(rows) -> dict[str, float]:
+    inter, union = sum(r["inter"] for r in rows), sum(r["union"] for r in rows)
+    out = {"pooled_iou": inter / max(1, union), "pooled_dice": 2 * inter / max(1, inter + union)}
+    for k in ("aji", "f1_50"):
+        vals = [r[k] for r in rows if k in r]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def organ_names(organ: str) -> list[str]:
+    """The training images of one organ (MoNuSeg's manifest.csv)."""
+    with open(MONUSEG.parent / "manifest.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    return sorted(r["id"] for r in rows if r["organ"].lower() == organ.lower())
+
+
+def quarter_images(names, dst: Path) -> list[str]:
+    """Cut each MoNuSeg image (and its mask) into four 256x256 quarters under dst/images, dst/masks."""
+    from PIL import Image
+
+    from napari_segdiff.io import read_image
+
+    def write_png(path, a):
+        Image.fromarray(np.ascontiguousarray(a)).save(path)
+
+    for sub in ("images", "masks", "instances"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        img = read_image(MONUSEG / "images" / f"{n}.png")
+        mask = read_image(MONUSEG / "masks" / f"{n}.png")
+        h, w = mask.shape[:2]
+        for i, (y, x) in enumerate([(0, 0), (0, w // 2), (h // 2, 0), (h // 2, w // 2)]):
+            q = f"{n}-q{i}"
+            write_png(dst / "images" / f"{q}.png", img[y : y + h // 2, x : x + w // 2])
+            write_png(dst / "masks" / f"{q}.png", mask[y : y + h // 2, x : x + w // 2])
+            out.append(q)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True)
-    ap.add_argument("--place", required=True)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--place")
+    g.add_argument("--organ")
     ap.add_argument("--minutes", default="2,5,10")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--choices", default="variance,random")
+    ap.add_argument("--reference", help="a model trained with the place/organ, scored on the same images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     a = ap.parse_args()
-    names = sorted(n for n, r in tiles(DATA).items() if r["place"] == a.place)
-    base_rows = evaluate(a.base, names)
-    by_var = [r["name"] for r in sorted(base_rows, key=lambda r: -r["mean_variance"])]
+    tmp_data = None
+    if a.place:
+        data = DATA
+        pool = sorted(n for n, r in tiles(DATA).items() if r["place"] == a.place)
+        fixed_test = None
+
+        def rows_of(model, names):
+            return evaluate(model, names)
+    else:
+        # an organ: its last two images (by name) are scored whole; the other images, cut in quarters of
+        # 256x256, are the tiles a user would correct, and the ones the reference model was trained with
+        names = organ_names(a.organ)
+        if len(names) < 3:
+            raise SystemExit(f"{a.organ} has {len(names)} training images; at least 3 are needed")
+        fixed_test, whole = names[-2:], names[:-2]
+        tmp_data = Path(tempfile.mkdtemp())
+        data = tmp_data
+        pool = quarter_images(whole, tmp_data)
+        for n in fixed_test:
+            for sub in ("images", "masks"):
+                shutil.copy(MONUSEG / sub / f"{n}.png", tmp_data / sub)
+            if (MONUSEG / "instances" / f"{n}.png").exists():
+                shutil.copy(MONUSEG / "instances" / f"{n}.png", tmp_data / "instances")
+
+        def rows_of(model, names):
+            return nuclei_rows(model, names, data=tmp_data)
+
+    if len(pool) <= a.k and fixed_test is None:
+        raise SystemExit(f"{a.place} has {len(pool)} images; --k {a.k} leaves none to score")
+    base_rows = rows_of(a.base, pool + (fixed_test or []))
+    ref_rows = rows_of(a.reference, fixed_test or pool) if a.reference else []
+    pool_rows = [r for r in base_rows if r["name"] in pool]
+    by_var = [r["name"] for r in sorted(pool_rows, key=lambda r: -r["mean_variance"])]
     rng = np.random.default_rng(a.seed)
-    picks = {"variance": by_var[: a.k], "random": sorted(rng.choice(names, a.k, replace=False).tolist())}
+    picks = {"variance": sorted(by_var[: a.k]), "random": sorted(rng.choice(pool, a.k, replace=False).tolist())}
+    marks = sorted(float(m) for m in a.minutes.split(","))
+    base_meta = load_model(a.base).meta  # the snapshots run as the fine-tuned file would (sampling, instances)
     out = []
     for choice in a.choices.split(","):
         train = picks[choice]
-        test = [n for n in names if n not in train]
-        base = summary([r for r in base_rows if r["name"] in test])["all"]["pooled_iou"]
-        print(f"{choice}: fine-tune on {train}, score on {test}; base pooled IoU {base:.4f}", flush=True)
-        for minutes in [float(m) for m in a.minutes.split(",")]:
-            tmp = Path(tempfile.mkdtemp())
-            try:
-                (tmp / "data" / "images").mkdir(parents=True)
-                (tmp / "data" / "masks").mkdir()
-                for n in train:
-                    shutil.copy(DATA / "images" / f"{n}.png", tmp / "data" / "images")
-                    shutil.copy(DATA / "masks" / f"{n}.png", tmp / "data" / "masks")
-                res = finetune(a.base, tmp / "data", tmp / "ft.pt", minutes=minutes, progress=False, seed=a.seed)
-                s = summary(evaluate(str(tmp / "ft.pt"), test))["all"]
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            row = {
-                "place": a.place,
-                "choice": choice,
-                "minutes": minutes,
-                "steps": res.steps,
-                "train": train,
-                "test": test,
-                "base_pooled_iou": base,
-                "pooled_iou": s["pooled_iou"],
-                "f1_50": s["f1_50"],
-            }
-            out.append(row)
-            print(
-                f"  {minutes:4.1f} min ({res.steps} steps): pooled IoU {s['pooled_iou']:.4f} (base {base:.4f}), "
-                f"F1@.5 {s['f1_50']:.3f}",
-                flush=True,
+        test = fixed_test or [n for n in pool if n not in train]
+        base = scores([r for r in base_rows if r["name"] in test])
+        ref = scores([r for r in ref_rows if r["name"] in test]) if ref_rows else {}
+        print(f"{choice}: fine-tune on {train}, score on {test}; base {base}; reference {ref}", flush=True)
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            (tmp / "data" / "images").mkdir(parents=True)
+            (tmp / "data" / "masks").mkdir()
+            for n in train:
+                shutil.copy(data / "images" / f"{n}.png", tmp / "data" / "images")
+                shutil.copy(data / "masks" / f"{n}.png", tmp / "data" / "masks")
+            snaps: dict[float, tuple[Path, int]] = {}
+            pending = list(marks[:-1])
+
+            def on_step(t, info, pending=pending, snaps=snaps, tmp=tmp):
+                # a run with budget m would stop here, validate once more and keep its best state
+                if pending and info["elapsed"] >= pending[0] * 60:
+                    m = pending.pop(0)
+                    run = Path(t.cfg.out)
+                    if t.val_set:
+                        s = t.score(t.validate(), None)
+                        if s > t.best:
+                            t.best = s
+                            t.save_checkpoint("best.pt")
+                        ck = "best.pt"
+                    else:
+                        t.save_checkpoint(f"snap-{m}.pt")
+                        ck = f"snap-{m}.pt"
+                    export(
+                        run,
+                        tmp / f"ft-{m}.pt",
+                        f"ft-{m}",
+                        checkpoint=ck,
+                        sampling=base_meta.get("sampling"),
+                        extra_meta={k: base_meta[k] for k in KEEP_META if k in base_meta},
+                    )
+                    snaps[m] = (tmp / f"ft-{m}.pt", t.step)
+
+            t0 = time.time()
+            res = finetune(
+                a.base, tmp / "data", tmp / "ft.pt", minutes=marks[-1], progress=False, seed=a.seed, on_step=on_step
             )
+            print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
+            snaps[marks[-1]] = (tmp / "ft.pt", res.steps)
+            for m in marks:
+                path, steps = snaps[m]
+                s = scores(rows_of(str(path), test))
+                closed = {
+                    k: (s[k] - base[k]) / (ref[k] - base[k]) for k in s if k in ref and abs(ref[k] - base[k]) > 1e-9
+                }
+                row = {
+                    "target": a.place or a.organ,
+                    "choice": choice,
+                    "minutes": m,
+                    "steps": steps,
+                    "train": train,
+                    "test": test,
+                    "base": base,
+                    "reference": ref,
+                    "adapted": s,
+                    "gap_closed": closed,
+                }
+                out.append(row)
+                print(
+                    f"  {m:g} min ({steps} steps): "
+                    + ", ".join(f"{k} {v:.4f} (base {base[k]:.4f}, ref {ref.get(k, np.nan):.4f})" for k, v in s.items())
+                    + (f"; gap closed {closed}" if closed else ""),
+                    flush=True,
+                )
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if tmp_data is not None:
+        shutil.rmtree(tmp_data, ignore_errors=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 
