@@ -65,6 +65,22 @@ def test_eval_cli_scores_each_named_image_as_segment_does(folder_and_model, caps
     assert "mean (2 images)" in capsys.readouterr().out
 
 
+def test_eval_cli_tta_is_segments_tta(folder_and_model, tmp_path):
+    root, path = folder_and_model
+    reports = {}
+    for flag in ("--tta", "--no-tta"):
+        out = tmp_path / f"{flag}.json"
+        args = ["eval", "--model", str(path), "--data", str(root / "data"), "--names", "img1", "--samples", "3"]
+        assert main([*args, "--steps", "2", "--precision", "fp32", flag, "--json", str(out)]) == 0
+        reports[flag] = json.loads(out.read_text())
+    assert reports["--tta"]["settings"]["tta"] is True and reports["--no-tta"]["settings"]["tta"] is False
+    img = imread(root / "data" / "images" / "img1.png")
+    mask = imread(root / "data" / "masks" / "img1.png") > 0
+    r = segment(img, load_model(path), samples=3, steps=2, seed=0, precision="fp32", tta=True)
+    assert reports["--tta"]["images"][0]["dice"] == pytest.approx(all_metrics(r.probability, mask)["dice"])
+    assert reports["--tta"]["images"][0]["calibration"] != reports["--no-tta"]["images"][0]["calibration"]
+
+
 def test_eval_cli_refuses_an_unknown_precision(folder_and_model, capsys):
     root, path = folder_and_model
     with pytest.raises(SystemExit) as e:

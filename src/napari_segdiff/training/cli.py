@@ -223,6 +223,7 @@ def cmd_eval(args) -> int:
         out_json=args.json,
         device=args.device,
         precision=args.precision,
+        tta=args.tta,
     )
     return 0
 
@@ -347,6 +348,12 @@ def add_eval_parser(sub) -> None:
     v.add_argument("--steps", type=int, default=None)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--overlap", type=float, default=None)
+    v.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test-time augmentation on/off (default: the model's recommendation)",
+    )
     v.add_argument("--device", default="auto")
     v.add_argument(
         "--precision",

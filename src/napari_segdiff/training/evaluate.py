@@ -29,6 +29,7 @@ def evaluate_items(
     device="auto",
     precision="auto",
     verbose=True,
+    tta=None,
 ) -> dict:
     mdl = load_model(model, device="cpu") if not hasattr(model, "net") else model
     rows = []
@@ -42,6 +43,8 @@ def evaluate_items(
             kw["steps"] = steps
         if overlap is not None:
             kw["overlap"] = overlap
+        if tta is not None:
+            kw["tta"] = tta
         has_instances = getattr(s, "instances", None) is not None
         r = segment(s.image, mdl, instances=has_instances, **kw)
         m = all_metrics(r.probability, s.mask)
@@ -57,6 +60,7 @@ def evaluate_items(
                 "samples",
                 "steps",
                 "sampler",
+                "tta",
                 "seed",
                 "tile",
                 "overlap",
@@ -91,6 +95,7 @@ def evaluate_folder(
     out_json=None,
     device="auto",
     precision="auto",
+    tta=None,
 ) -> dict:
     data_samples = load_dataset(data, fmt)
     if names:
@@ -104,6 +109,7 @@ def evaluate_folder(
         overlap=overlap,
         device=device,
         precision=precision,
+        tta=tta,
     )
     report["data"] = str(data)
     if out_json:
