@@ -115,6 +115,12 @@ def main() -> None:
     ap.add_argument("--choices", default="variance,random")
     ap.add_argument("--reference", help="a model trained with the place/organ, scored on the same images")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--min-val-images",
+        type=int,
+        default=None,
+        help="fine-tuning holds back a validation image from this many images on (default: the library's)",
+    )
     ap.add_argument("--json")
     a = ap.parse_args()
     tmp_data = None
@@ -196,8 +202,16 @@ def main() -> None:
                     snaps[m] = (tmp / f"ft-{m}.pt", t.step)
 
             t0 = time.time()
+            extra = {} if a.min_val_images is None else {"min_val_images": a.min_val_images}
             res = finetune(
-                a.base, tmp / "data", tmp / "ft.pt", minutes=marks[-1], progress=False, seed=a.seed, on_step=on_step
+                a.base,
+                tmp / "data",
+                tmp / "ft.pt",
+                minutes=marks[-1],
+                progress=False,
+                seed=a.seed,
+                on_step=on_step,
+                **extra,
             )
             print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
             snaps[marks[-1]] = (tmp / "ft.pt", res.steps)

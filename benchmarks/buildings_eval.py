@@ -31,7 +31,7 @@ def tiles(data: Path) -> dict[str, dict]:
         return {r["file"].rsplit(".", 1)[0]: r for r in csv.DictReader(f)}
 
 
-def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, use_pixel_size=True):
+def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, use_pixel_size=True, tta=None):
     meta = tiles(data)
     rows = []
     for n in names:
@@ -40,7 +40,7 @@ def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, 
         inst = read_image(data / "instances" / f"{n}.png").astype(np.int64)
         kw = {"pixel_size": float(meta[n]["gsd_m"])} if use_pixel_size else {}
         # None: the model's recommended sampling (steps=None would mean all T diffusion steps)
-        kw.update({k: v for k, v in (("samples", samples), ("steps", steps)) if v is not None})
+        kw.update({k: v for k, v in (("samples", samples), ("steps", steps), ("tta", tta)) if v is not None})
         r = ns.segment(img, model, seed=seed, instances=True, **kw)
         m = np.asarray(r.mask)
         rows.append(
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--samples", type=int)
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="test-time augmentation")
     ap.add_argument("--no-pixel-size", action="store_true", help="run every tile as if at the model's pixel size")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -93,7 +94,7 @@ def main() -> None:
     else:
         names = [n for n, r in tiles(data).items() if r["place"] == a.place]
     t0 = time.time()
-    rows = evaluate(a.model, names, data, a.samples, a.steps, use_pixel_size=not a.no_pixel_size)
+    rows = evaluate(a.model, names, data, a.samples, a.steps, use_pixel_size=not a.no_pixel_size, tta=a.tta)
     s = summary(rows)
     for place, v in s.items():
         print(

@@ -76,6 +76,14 @@ def test_small_data_trains_on_everything(base, tmp_path, user_dir):
     assert res.val_images == [] and res.kept == "last" and len(res.train_images) == 2
 
 
+def test_min_val_images_decides_whether_a_validation_image_is_held_back(base, tmp_path, user_dir):
+    data = _folder(tmp_path / "data", n=4)
+    res = finetune(str(base), data, tmp_path / "o.pt", steps=2, progress=False, min_val_images=5)
+    assert res.val_images == [] and res.kept == "last" and len(res.train_images) == 4
+    res = finetune(str(base), data, tmp_path / "p.pt", steps=2, progress=False, min_val_images=4)
+    assert len(res.val_images) == 1 and len(res.train_images) == 3
+
+
 def test_cancel_keeps_the_best_so_far(base, tmp_path, user_dir):
     data = _folder(tmp_path / "data", n=4)
     res = finetune(str(base), data, tmp_path / "o.pt", steps=1000, progress=False, should_stop=lambda: True)

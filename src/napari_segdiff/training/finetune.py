@@ -88,6 +88,7 @@ def finetune(
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     samples=None,
+    min_val_images: int = MIN_VAL_IMAGES,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (shipped name or file) on ``data`` (``images/`` + ``masks/``) for ``minutes`` or
     ``steps``; write the model file ``out`` and, with ``name``, register it as a user model. ``samples``:
@@ -127,7 +128,7 @@ def finetune(
         raise SegDiffError("every mask is empty: mark the objects (mask > 0) in at least one image")
     rng = np.random.default_rng(seed)
     val_names: list[str] = []
-    if len(samples) >= MIN_VAL_IMAGES:
+    if len(samples) >= min_val_images:
         k = max(1, int(round(0.25 * len(samples))))
         val_names = sorted(samples[i].name for i in rng.choice(len(samples), k, replace=False))
     metric = select_metric or ("iou" if base.meta.get("pixel_unit") in ("m", "cm") else "dice")
