@@ -35,19 +35,19 @@ def base(tmp_path_factory):
     return path
 
 
-def _folder(root, n=4, size=48, instance_masks=False):
+def _folder(root, n=8, size=48, instance_masks=False):
     return disc_folder(root, n, size, prefix="im", mask_value=7 if instance_masks else 255)
 
 
 def test_finetune_writes_a_model_with_its_provenance_and_registers_it(base, tmp_path, user_dir):
-    data = _folder(tmp_path / "data", n=4, instance_masks=True)
+    data = _folder(tmp_path / "data", n=8, instance_masks=True)
     out = tmp_path / "mine.pt"
     res = finetune(str(base), data, out, steps=3, name="mine", progress=False)
-    assert res.steps == 3 and res.val_images and len(res.train_images) == 3 and res.kept in ("best", "base")
+    assert res.steps == 3 and res.val_images and len(res.train_images) == 6 and res.kept in ("best", "base")
     m = load_model(str(out))
     assert m.meta["base_model"] == {"name": "tiny-base", "sha256": sha256_of(base)}
     ft = m.meta["finetune"]
-    assert ft["steps"] == 3 and sorted(ft["train_images"] + ft["val_images"]) == [f"im{i}" for i in range(4)]
+    assert ft["steps"] == 3 and sorted(ft["train_images"] + ft["val_images"]) == [f"im{i}" for i in range(8)]
     assert m.meta["pixel_size"] == 0.15 and m.meta["sampling"] == {"samples": 2, "steps": 2}
     # by name, everywhere: load_model, list_models, segment
     assert "mine" in list_models() and (user_dir / "mine.pt").is_file()
@@ -59,7 +59,7 @@ def test_finetune_writes_a_model_with_its_provenance_and_registers_it(base, tmp_
 def test_base_state_is_kept_when_finetuning_does_not_beat_it(base, tmp_path, user_dir, monkeypatch):
     from napari_segdiff.training import trainer as trainer_mod
 
-    data = _folder(tmp_path / "data", n=4)
+    data = _folder(tmp_path / "data", n=8)
     scores = iter([0.9, 0.1, 0.1, 0.1])  # the base model scores 0.9, every fine-tuned state 0.1
     monkeypatch.setattr(trainer_mod.Trainer, "validate", lambda self, net=None: {"iou": next(scores)})
     res = finetune(str(base), data, tmp_path / "o.pt", steps=2, progress=False)
@@ -85,7 +85,7 @@ def test_min_val_images_decides_whether_a_validation_image_is_held_back(base, tm
 
 
 def test_cancel_keeps_the_best_so_far(base, tmp_path, user_dir):
-    data = _folder(tmp_path / "data", n=4)
+    data = _folder(tmp_path / "data", n=8)
     res = finetune(str(base), data, tmp_path / "o.pt", steps=1000, progress=False, should_stop=lambda: True)
     assert res.cancelled and res.steps == 1 and (tmp_path / "o.pt").is_file()
 

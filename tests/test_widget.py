@@ -280,3 +280,6 @@ def test_widget_ranges_and_tile_step_follow_table_and_model(make_napari_viewer):
     widget.sampler.value = "ddim"
     assert not widget.eta.native.isHidden()
     assert widget.engine_kwargs()["sampler"] == "ddim"
+    assert widget.engine_kwargs()["tta"] is False
+    widget.tta.value = True  # the table's TTA switch reaches segment()
+    assert widget.engine_kwargs()["tta"] is True

@@ -2,7 +2,7 @@
 
 It starts from the model's weights (the EMA that was shipped), keeps the model's network and input scale,
 trains on random crops of the user's images with a learning rate suited to fine-tuning, holds back a
-validation share when there are at least four images (scored before the first step too, so a run that does
+validation share when there are at least eight images (scored before the first step too, so a run that does
 not help returns the base model's weights), and writes a model file that records where it came from.
 """
 
@@ -28,7 +28,8 @@ from .trainer import TrainConfig, Trainer, export
 LR = 5e-5
 BATCH = 4
 VAL_EVERY = 25
-MIN_VAL_IMAGES = 4  # below this every image trains and the last state is kept
+MIN_VAL_IMAGES = 8  # below this every image trains and the last state is kept (one held-out image of 4 chose
+# worse states: leave-one-place-out Kampala, 4 tiles, 10 min: pooled IoU 0.303 with it, 0.419 without)
 
 
 @dataclass
