@@ -26,11 +26,10 @@ import numpy as np
 from buildings_eval import DATA, evaluate, tiles
 
 from napari_segdiff.models import load_model
-from napari_segdiff.training.finetune import finetune
+from napari_segdiff.training.finetune import CARRIED_META, MIN_VAL_IMAGES, finetune
 from napari_segdiff.training.trainer import export
 
 ROOT = Path(__file__).resolve().parents[1]
-KEEP_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment")  # what finetune() carries over
 MONUSEG = ROOT.parent / "shared/data/monuseg/train"
 
 
@@ -118,8 +117,8 @@ def main() -> None:
     ap.add_argument(
         "--min-val-images",
         type=int,
-        default=None,
-        help="fine-tuning holds back a validation image from this many images on (default: the library's)",
+        default=MIN_VAL_IMAGES,
+        help=f"fine-tuning holds back a validation image from this many images on (default {MIN_VAL_IMAGES})",
     )
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -197,12 +196,11 @@ def main() -> None:
                         f"ft-{m}",
                         checkpoint=ck,
                         sampling=base_meta.get("sampling"),
-                        extra_meta={k: base_meta[k] for k in KEEP_META if k in base_meta},
+                        extra_meta={k: base_meta[k] for k in CARRIED_META if k in base_meta},
                     )
                     snaps[m] = (tmp / f"ft-{m}.pt", t.step)
 
             t0 = time.time()
-            extra = {} if a.min_val_images is None else {"min_val_images": a.min_val_images}
             res = finetune(
                 a.base,
                 tmp / "data",
@@ -211,7 +209,7 @@ def main() -> None:
                 progress=False,
                 seed=a.seed,
                 on_step=on_step,
-                **extra,
+                min_val_images=a.min_val_images,
             )
             print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
             snaps[marks[-1]] = (tmp / "ft.pt", res.steps)

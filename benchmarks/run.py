@@ -323,15 +323,21 @@ def _best_of(fn, reps: int = 3) -> float:
     return min(times)
 
 
+def _forward_inputs(model: SegDiffModel, batch: int, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded inputs of one batched sampling forward at the network's side of a ``tile``: the image (1, C, s, s),
+    x_t (batch, 1, s, s) and a mid-schedule t."""
+    side = int(round(tile * model.config.input_scale))
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1
+    x = torch.randn(batch, 1, side, side, generator=g)
+    return img, x, torch.full((batch,), model.diffusion.T // 2, dtype=torch.long)
+
+
 def bench_compile(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
     """Eager vs channels-last vs torch.compile for one batched forward (the engine's unit of work),
     and 1 vs 2 threads, measured side by side in this process."""
     net = model.net.eval()
-    side = int(round(tile * model.config.input_scale))
-    g = torch.Generator().manual_seed(0)
-    img = torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1
-    x = torch.randn(samples, 1, side, side, generator=g)
-    t = torch.full((samples,), model.diffusion.T // 2, dtype=torch.long)
+    img, x, t = _forward_inputs(model, samples, tile)
     row: dict = {"model": model.name, "samples": samples, "tile": tile}
     with torch.inference_mode():
         feats = net.encode_image(img).repeat_interleave(samples, 0)
@@ -387,11 +393,8 @@ def bench_attention(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     net = model.net.eval().to(memory_format=torch.channels_last)
-    side = int(round(tile * model.config.input_scale))
-    g = torch.Generator().manual_seed(0)
-    img = torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1
-    x = torch.randn(samples, 1, side, side, generator=g).to(memory_format=torch.channels_last)
-    t = torch.full((samples,), model.diffusion.T // 2, dtype=torch.long)
+    img, x, t = _forward_inputs(model, samples, tile)
+    x = x.to(memory_format=torch.channels_last)
     row: dict = {"model": model.name, "samples": samples, "tile": tile}
     image = sample_512()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -417,101 +420,6 @@ def bench_attention(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
     row["mask_agreement"] = float((masks["math"] == masks["fused"]).mean())
     net.to(memory_format=torch.contiguous_format)
     print(f"  attention: {row}", flush=True)
-    return row
-
-
-# ---------------------------------------------------------------------------------------- 10. runtimes
-class _Denoiser(torch.nn.Module):
-    """The sampling network as the engine calls it per step: (x_t, t, G(I) features) -> output."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, t, feats):
-        return self.net(x, t, features=feats)
-
-
-def bench_runtimes(model: SegDiffModel, batch: int, tile: int = 256, cache: str = "bench_out/runtimes") -> dict:
-    """One batched sampling-network forward (the engine's unit of work) in torch (fp32, channels-last fp32,
-    channels-last bf16 autocast: the CPU default), ONNX Runtime (fp32) and OpenVINO (fp32 and bf16 hint),
-    each against torch fp32 on the same inputs. The ONNX export is cached under ``cache``."""
-    net = model.net.eval()
-    side = int(round(tile * model.config.input_scale))
-    g = torch.Generator().manual_seed(0)
-    img = torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1
-    x = torch.randn(batch, 1, side, side, generator=g)
-    t = torch.full((batch,), model.diffusion.T // 2, dtype=torch.long)
-    threads = torch.get_num_threads()
-    row: dict = {"model": model.name, "batch": batch, "tile": tile, "threads": threads}
-    with torch.inference_mode():
-        feats = net.encode_image(img).repeat_interleave(batch, 0)
-        ref = net(x, t, features=feats).float()
-        row["torch_fp32_s"] = _best_of(lambda: net(x, t, features=feats))
-        cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
-        x_cl, f_cl = (
-            x.contiguous(memory_format=torch.channels_last),
-            feats.contiguous(memory_format=torch.channels_last),
-        )
-        row["torch_channels_last_fp32_s"] = _best_of(lambda: cl(x_cl, t, features=f_cl))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            row["torch_channels_last_bf16_s"] = _best_of(lambda: cl(x_cl, t, features=f_cl))
-            row["torch_bf16_max_abs_diff"] = float((cl(x_cl, t, features=f_cl).float() - ref).abs().max())
-    best_torch = min(row["torch_channels_last_fp32_s"], row["torch_channels_last_bf16_s"])
-    os.makedirs(cache, exist_ok=True)
-    onnx_path = Path(cache) / f"{model.sha256[:12] if model.sha256 else model.name}-b{batch}-{side}.onnx"
-    inputs = (x.numpy(), t.numpy(), feats.numpy())
-    try:
-        if not onnx_path.exists():
-            t0 = time.perf_counter()
-            tmp = onnx_path.with_suffix(".tmp.onnx")
-            torch.onnx.export(
-                _Denoiser(net),
-                (x, t, feats),
-                str(tmp),
-                input_names=["x", "t", "feats"],
-                output_names=["out"],
-                opset_version=17,
-                dynamo=False,
-            )
-            os.replace(tmp, onnx_path)
-            row["onnx_export_s"] = time.perf_counter() - t0
-    except Exception as e:
-        row["onnx_error"] = f"export: {type(e).__name__}: {e}"[:300]
-    if onnx_path.exists():
-        try:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-            feed = dict(zip(("x", "t", "feats"), inputs))
-            row["onnxruntime_version"] = ort.__version__
-            row["onnxruntime_fp32_s"] = _best_of(lambda: sess.run(None, feed))
-            row["onnxruntime_max_abs_diff"] = float(np.abs(sess.run(None, feed)[0] - ref.numpy()).max())
-            row["onnxruntime_vs_best_torch"] = best_torch / row["onnxruntime_fp32_s"]
-        except Exception as e:
-            row["onnxruntime_error"] = f"{type(e).__name__}: {e}"[:300]
-        try:
-            import openvino as ov
-
-            core = ov.Core()
-            ovm = core.read_model(str(onnx_path))
-            row["openvino_version"] = ov.__version__
-            for prec in ("f32", "bf16"):
-                cm = core.compile_model(
-                    ovm, "CPU", {"INFERENCE_PRECISION_HINT": prec, "INFERENCE_NUM_THREADS": threads}
-                )
-                req = cm.create_infer_request()
-                feed = dict(zip(("x", "t", "feats"), inputs))
-                row[f"openvino_{prec}_s"] = _best_of(lambda req=req, feed=feed: req.infer(feed))
-                out = np.asarray(req.infer(feed)[cm.output(0)])
-                row[f"openvino_{prec}_max_abs_diff"] = float(np.abs(out - ref.numpy()).max())
-                row[f"openvino_{prec}_vs_best_torch"] = best_torch / row[f"openvino_{prec}_s"]
-        except Exception as e:
-            row["openvino_error"] = f"{type(e).__name__}: {e}"[:300]
-    print(f"  runtimes: {row}", flush=True)
     return row
 
 
@@ -555,6 +463,96 @@ def bench_skip() -> list[dict]:
         print(f"  skip: {row}", flush=True)
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------- 10. runtimes
+class _Denoiser(torch.nn.Module):
+    """The sampling network as the engine calls it per step: (x_t, t, G(I) features) -> output."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, feats):
+        return self.net(x, t, features=feats)
+
+
+def bench_runtimes(model: SegDiffModel, batch: int, tile: int = 256, cache: str = "bench_out/runtimes") -> dict:
+    """One batched sampling-network forward (the engine's unit of work) in torch (fp32, channels-last fp32,
+    channels-last bf16 autocast: the CPU default), ONNX Runtime (fp32) and OpenVINO (fp32 and bf16 hint),
+    each against torch fp32 on the same inputs. The ONNX export is cached under ``cache``."""
+    net = model.net.eval()
+    img, x, t = _forward_inputs(model, batch, tile)
+    side = x.shape[-1]
+    threads = torch.get_num_threads()
+    row: dict = {"model": model.name, "batch": batch, "tile": tile, "threads": threads}
+    with torch.inference_mode():
+        feats = net.encode_image(img).repeat_interleave(batch, 0)
+        ref = net(x, t, features=feats).float()
+        row["torch_fp32_s"] = _best_of(lambda: net(x, t, features=feats))
+        cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        x_cl, f_cl = (
+            x.contiguous(memory_format=torch.channels_last),
+            feats.contiguous(memory_format=torch.channels_last),
+        )
+        row["torch_channels_last_fp32_s"] = _best_of(lambda: cl(x_cl, t, features=f_cl))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            row["torch_channels_last_bf16_s"] = _best_of(lambda: cl(x_cl, t, features=f_cl))
+            row["torch_bf16_max_abs_diff"] = float((cl(x_cl, t, features=f_cl).float() - ref).abs().max())
+    best_torch = min(row["torch_channels_last_fp32_s"], row["torch_channels_last_bf16_s"])
+    os.makedirs(cache, exist_ok=True)
+    onnx_path = Path(cache) / f"{model.sha256[:12] if model.sha256 else model.name}-b{batch}-{side}.onnx"
+    feed = {"x": x.numpy(), "t": t.numpy(), "feats": feats.numpy()}
+    try:
+        if not onnx_path.exists():
+            t0 = time.perf_counter()
+            tmp = onnx_path.with_suffix(".tmp.onnx")
+            torch.onnx.export(
+                _Denoiser(net),
+                (x, t, feats),
+                str(tmp),
+                input_names=["x", "t", "feats"],
+                output_names=["out"],
+                opset_version=17,
+                dynamo=False,
+            )
+            os.replace(tmp, onnx_path)
+            row["onnx_export_s"] = time.perf_counter() - t0
+    except Exception as e:
+        row["onnx_error"] = f"export: {type(e).__name__}: {e}"[:300]
+    if onnx_path.exists():
+        try:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+            row["onnxruntime_version"] = ort.__version__
+            row["onnxruntime_fp32_s"] = _best_of(lambda: sess.run(None, feed))
+            row["onnxruntime_max_abs_diff"] = float(np.abs(sess.run(None, feed)[0] - ref.numpy()).max())
+            row["onnxruntime_vs_best_torch"] = best_torch / row["onnxruntime_fp32_s"]
+        except Exception as e:
+            row["onnxruntime_error"] = f"{type(e).__name__}: {e}"[:300]
+        try:
+            import openvino as ov
+
+            core = ov.Core()
+            ovm = core.read_model(str(onnx_path))
+            row["openvino_version"] = ov.__version__
+            for prec in ("f32", "bf16"):
+                cm = core.compile_model(
+                    ovm, "CPU", {"INFERENCE_PRECISION_HINT": prec, "INFERENCE_NUM_THREADS": threads}
+                )
+                req = cm.create_infer_request()
+                row[f"openvino_{prec}_s"] = _best_of(lambda req=req: req.infer(feed))
+                out = np.asarray(req.infer(feed)[cm.output(0)])
+                row[f"openvino_{prec}_max_abs_diff"] = float(np.abs(out - ref.numpy()).max())
+                row[f"openvino_{prec}_vs_best_torch"] = best_torch / row[f"openvino_{prec}_s"]
+        except Exception as e:
+            row["openvino_error"] = f"{type(e).__name__}: {e}"[:300]
+    print(f"  runtimes: {row}", flush=True)
+    return row
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,8 @@ from .trainer import TrainConfig, Trainer, export
 LR = 5e-5
 BATCH = 4
 VAL_EVERY = 25
+#: what a fine-tuned model file carries over from its base model's metadata
+CARRIED_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment")
 MIN_VAL_IMAGES = 8  # below this every image trains and the last state is kept (one held-out image of 4 chose
 # worse states: leave-one-place-out Kampala, 4 tiles, 10 min: pooled IoU 0.303 with it, 0.419 without)
 
@@ -196,7 +198,7 @@ def finetune(
                 "select_metric": metric,
             },
         }
-        for k in ("pixel_size", "pixel_unit", "instances", "tiling", "augment"):
+        for k in CARRIED_META:
             if k in base.meta:
                 meta[k] = base.meta[k]
         path, sha, _half = export(
