@@ -3,6 +3,17 @@
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _runtime_and_cache(tmp_path_factory):
+    """The suite runs the torch runtime unless a test asks for OpenVINO by name, and converted networks go to
+    a temporary cache, never the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NAPARI_SEGDIFF_RUNTIME", "torch")
+    mp.setenv("NAPARI_SEGDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The 74k-parameter 'tiny' network (use tile 32/64, samples=2, steps=2) with its zero-initialised

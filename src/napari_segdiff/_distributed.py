@@ -28,16 +28,17 @@ def _run_batch(
     seed: int,
     precision: str = "auto",
     scale: float | None = None,
+    runtime: str = "auto",
 ):
     from .engine import TileSampler, resolve_device
     from .models import from_bytes
 
-    key = f"{key}:{device}:{precision}:{scale}"
+    key = f"{key}:{device}:{precision}:{scale}:{runtime}"
     runner = _WORKER_CACHE.get(key)
     if runner is None:  # once per worker process
         dev = resolve_device(device)
         runner = _WORKER_CACHE[key] = TileSampler(
-            from_bytes(model_data, dev), sampling, dev, precision=precision, scale=scale
+            from_bytes(model_data, dev), sampling, dev, precision=precision, scale=scale, runtime=runtime
         )
     runner.sampling = sampling
     return runner(images, indices, seed)
@@ -54,6 +55,7 @@ def distributed_tiles(
     max_in_flight: int | None = None,
     precision: str = "auto",
     input_scale: float | None = None,
+    runtime: str = "auto",
 ):
     """items: (window, tile scaled to [-1, 1]) in raster order; yields (window, mean, second moment) in order."""
     from .models import to_bytes
@@ -78,6 +80,7 @@ def distributed_tiles(
             seed,
             precision,
             input_scale,
+            runtime,
             pure=False,
         )
         pending.append(([w for w, _ in batch], fut))

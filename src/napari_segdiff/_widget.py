@@ -117,6 +117,7 @@ class SegDiffWidget(Container):
             value=_SEGMENT.device, **widget_options(SegmentConfig, "device", choices=available_devices())
         )
         self.precision = ComboBox(value=_SEGMENT.precision, **widget_options(SegmentConfig, "precision"))
+        self.runtime = ComboBox(value=_SEGMENT.runtime, **widget_options(SegmentConfig, "runtime"))
         self.seed = SpinBox(
             label="seed",
             value=-1 if _SAMPLING.seed is None else _SAMPLING.seed,
@@ -161,6 +162,7 @@ class SegDiffWidget(Container):
                 self.threshold,
                 self.device,
                 self.precision,
+                self.runtime,
                 self.seed,
                 self.pixel_size,
                 self.instances,
@@ -267,11 +269,15 @@ class SegDiffWidget(Container):
             skip_empty=bool(self.skip_empty.value),
         )
         cfg = SegmentConfig(
-            sampling=sampling, tiling=tiling, device=str(self.device.value), precision=str(self.precision.value)
+            sampling=sampling,
+            tiling=tiling,
+            device=str(self.device.value),
+            precision=str(self.precision.value),
+            runtime=str(self.runtime.value),
         )
         kw = {k: getattr(sampling, k) for k in ("samples", "steps", "sampler", "eta", "tta", "seed", "threshold")}
         kw.update({k: getattr(tiling, k) for k in ("tile", "overlap", "batch_size", "skip_empty")})
-        return dict(kw, device=cfg.device, precision=cfg.precision)
+        return dict(kw, device=cfg.device, precision=cfg.precision, runtime=cfg.runtime)
 
     def pixel_size_for(self, layer, model: SegDiffModel | None) -> tuple[float | None, str]:
         """(pixel size to pass, a sentence saying where it came from) for ``layer`` and ``model``."""

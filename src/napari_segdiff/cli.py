@@ -95,7 +95,9 @@ def _cmd_segment(args) -> int:
         bar.update(p.done - bar.n)
 
     try:
-        items = iter_segment(image, args.model, device=args.device, client=client, precision=args.precision, **kw)
+        items = iter_segment(
+            image, args.model, device=args.device, client=client, precision=args.precision, runtime=args.runtime, **kw
+        )
         result = drain(items, SegmentationResult, on_progress=show)
         if bar is not None:
             bar.close()
@@ -197,6 +199,7 @@ def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
         args.model,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
         **{k: v for k, v in kw.items() if k != "instances"},
         instances=bool(kw.get("instances")),
     )

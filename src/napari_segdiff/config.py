@@ -361,6 +361,9 @@ class TilingConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+RUNTIMES = ("auto", "torch", "openvino")
+#: environment variable that sets what runtime 'auto' means (e.g. torch, to keep OpenVINO out of a run)
+RUNTIME_ENV = "NAPARI_SEGDIFF_RUNTIME"
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,14 @@ class SegmentConfig:
         "auto",
         "auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32",
         choices=PRECISIONS,
+    )
+    # auto = OpenVINO for the sampling network on the CPU where the openvino extra is installed (x1.9 per
+    # batched forward of nuclei-he on a 2-core AMX Xeon, `benchmarks/run.py --only runtimes`), else torch
+    runtime: Literal["auto", "torch", "openvino"] = param(
+        "auto",
+        "auto: OpenVINO on the CPU where it is installed (about x2 per network call), else torch; "
+        f"${RUNTIME_ENV} sets what auto means",
+        choices=RUNTIMES,
     )
 
     def __post_init__(self) -> None:

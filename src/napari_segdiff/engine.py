@@ -26,7 +26,16 @@ import numpy as np
 import torch
 
 from ._errors import SegDiffError
-from .config import DEFAULT, PRECISIONS, SamplingConfig, SegmentConfig, TilingConfig, device_error
+from .config import (
+    DEFAULT,
+    PRECISIONS,
+    RUNTIME_ENV,
+    RUNTIMES,
+    SamplingConfig,
+    SegmentConfig,
+    TilingConfig,
+    device_error,
+)
 from .models import SegDiffModel, load_model
 from .pixelsize import model_pixel_size, scale_factor
 from .tiling import StreamingBlender, Window, iter_windows, taper_weights, window_grid
@@ -124,6 +133,40 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "bf16":
         warn_if_bf16_emulated(device)
     return precision
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """``torch`` or ``openvino``. ``auto`` is ``$NAPARI_SEGDIFF_RUNTIME`` when set, else OpenVINO on the CPU where
+    it is installed, else torch. OpenVINO runs on the CPU only; asking for it elsewhere, or without the package,
+    is an error that says what to do."""
+    if runtime not in RUNTIMES:
+        raise SegDiffError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    from . import _openvino
+
+    if runtime == "auto":
+        env = os.environ.get(RUNTIME_ENV, "").strip().lower()
+        if env and env != "auto":
+            if env not in RUNTIMES:
+                raise SegDiffError(f"${RUNTIME_ENV} must be one of {', '.join(RUNTIMES)}; got {env!r}")
+            if env == "torch" or device.type != "cpu":
+                return "torch"
+            runtime = env
+        else:
+            return "openvino" if device.type == "cpu" and _openvino.available() else "torch"
+    if runtime == "openvino":
+        if device.type != "cpu":
+            raise SegDiffError(f"runtime 'openvino' runs on the CPU; the device here is {device}: use runtime 'torch'")
+        _openvino.require()
+    return runtime
+
+
+def runtime_label(runtime: str) -> str:
+    """The runtime with its version, for ``info``."""
+    if runtime == "openvino":
+        from . import _openvino
+
+        return f"openvino {_openvino.version()}"
+    return f"torch {torch.__version__}"
 
 
 def precision_context(precision: str, device: torch.device):
@@ -228,6 +271,7 @@ class TileSampler:
         precision: str = "fp32",
         channels_last: bool | None = None,
         scale: float | None = None,
+        runtime: str = "torch",
     ):
         self.model = model
         # tiles are resized by this factor before the network: the model's input_scale, times the ratio of
@@ -238,9 +282,18 @@ class TileSampler:
         self.precision = resolve_precision(precision, device)
         # channels-last (NHWC) convolutions: x1.19 per batched forward of nuclei-he on this project's CPU
         # (`benchmarks/run.py --only compile`), same values to float rounding. On by default on the CPU.
-        self.channels_last = device.type == "cpu" if channels_last is None else bool(channels_last)
-        # the network this sampler runs: its own channels-last copy, so the caller's model is left as it was
-        self.net = copy.deepcopy(model.net).to(memory_format=torch.channels_last) if self.channels_last else model.net
+        self.runtime = resolve_runtime(runtime, device)
+        if self.runtime == "openvino":  # OpenVINO picks its own layouts; it converts the model's own network
+            from ._openvino import OpenVINONet
+
+            self.channels_last = False
+            self.net = OpenVINONet(model.net, self.precision)
+        else:
+            self.channels_last = device.type == "cpu" if channels_last is None else bool(channels_last)
+            # the network this sampler runs: its own channels-last copy, so the caller's model is left as it was
+            self.net = (
+                copy.deepcopy(model.net).to(memory_format=torch.channels_last) if self.channels_last else model.net
+            )
         self.network_evaluations = 0
         self.encoder_evaluations = 0
 
@@ -258,7 +311,8 @@ class TileSampler:
         def noise_fn(shape):  # per-tile generators: batching does not change the noise
             return torch.cat([torch.randn((N, 1, h, w), generator=g) for g in gens])
 
-        with torch.inference_mode(), precision_context(self.precision, self.device):
+        autocast = precision_context(self.precision if self.runtime == "torch" else "fp32", self.device)
+        with torch.inference_mode(), autocast:
             x_img = torch.from_numpy(images).to(self.device)
             if (h, w) != (h0, w0):
                 x_img = torch.nn.functional.interpolate(x_img, size=(h, w), mode="area" if scale < 1 else "bilinear")
@@ -345,6 +399,7 @@ def iter_segment(
     client=None,
     precision: str | None = None,
     channels_last: bool | None = None,
+    runtime: str | None = None,
     pixel_size: float | None = None,
     pixel_unit: str | None = None,
     instances: bool = False,
@@ -355,7 +410,9 @@ def iter_segment(
     and finally a :class:`SegmentationResult`. Keyword arguments override ``config``; a model's own
     recommended sampling settings (``meta['sampling']``) are the defaults for a shipped model.
     ``precision`` is ``auto`` (bfloat16 autocast on a CPU with native bf16, else float32), ``fp32`` or
-    ``bf16``; ``channels_last`` (default: on for the CPU) runs the convolutions in NHWC layout.
+    ``bf16``; ``channels_last`` (default: on for the CPU) runs the convolutions in NHWC layout (torch runtime).
+    ``runtime`` runs the sampling network in ``torch`` or ``openvino`` (CPU, the ``openvino`` extra); ``auto``
+    (the default) takes OpenVINO on the CPU where it is installed. ``info['runtime']`` says which ran.
 
     ``pixel_size`` (with ``pixel_unit``, default the model's unit) is the image's pixel size: each tile is
     resized to the model's native pixel size (``model.meta['pixel_size']``) and the outputs back, so they
@@ -380,6 +437,7 @@ def iter_segment(
     mdl = load_model(model, device=dev)
     cfg = config or recommended_config(mdl)
     prec = resolve_precision(precision or cfg.precision, dev)
+    rt = resolve_runtime(runtime or cfg.runtime, dev) if client is None else None
     s_over = {
         k: v
         for k, v in dict(samples=samples, sampler=sampler, eta=eta, tta=tta, threshold=threshold).items()
@@ -465,6 +523,7 @@ def iter_segment(
         "batch_size": tiling.batch_size,
         "device": str(dev),
         "precision": prec,
+        "runtime": runtime_label(rt) if rt else f"workers ({runtime or cfg.runtime})",
         "tiles": len(windows),
         "skip_empty": tiling.skip_empty,
     }
@@ -494,9 +553,12 @@ def iter_segment(
                 device=device or (config.device if config else "auto"),
                 precision=precision or cfg.precision,
                 input_scale=in_scale,
+                runtime=runtime or cfg.runtime,
             )
     else:
-        runner = TileSampler(mdl, sampling, dev, precision=prec, channels_last=channels_last, scale=in_scale)
+        runner = TileSampler(
+            mdl, sampling, dev, precision=prec, channels_last=channels_last, scale=in_scale, runtime=rt
+        )
 
         def run(its):
             return _local_tiles(runner, its, tiling, run_seed)

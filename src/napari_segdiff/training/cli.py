@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SegDiffError
-from ..config import PRECISIONS
+from ..config import PRECISIONS, RUNTIMES
 from .trainer import TrainConfig
 
 
@@ -223,6 +223,7 @@ def cmd_eval(args) -> int:
         out_json=args.json,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
         tta=args.tta,
     )
     return 0
@@ -360,6 +361,12 @@ def add_eval_parser(sub) -> None:
         default="auto",
         choices=PRECISIONS,
         help="auto (what segment() uses on this machine: bf16 where the CPU has it natively), fp32 or bf16",
+    )
+    v.add_argument(
+        "--runtime",
+        default="auto",
+        choices=RUNTIMES,
+        help="the sampling network's runtime: auto (OpenVINO on the CPU where installed, else torch), torch, openvino",
     )
     v.add_argument("--json", default=None, help="write the report here (default: next to nothing, print only)")
     v.set_defaults(func=cmd_eval)

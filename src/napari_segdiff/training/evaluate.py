@@ -28,6 +28,7 @@ def evaluate_items(
     overlap=None,
     device="auto",
     precision="auto",
+    runtime="auto",
     verbose=True,
     tta=None,
 ) -> dict:
@@ -36,7 +37,7 @@ def evaluate_items(
     settings = None
     t0 = time.perf_counter()
     for s in items:
-        kw = {"seed": seed, "device": device, "precision": precision}
+        kw = {"seed": seed, "device": device, "precision": precision, "runtime": runtime}
         if samples is not None:
             kw["samples"] = samples
         if steps is not DEFAULT:
@@ -66,6 +67,7 @@ def evaluate_items(
                 "overlap",
                 "device",
                 "precision",
+                "runtime",
             )
         }
         if verbose:
@@ -96,6 +98,7 @@ def evaluate_folder(
     device="auto",
     precision="auto",
     tta=None,
+    runtime="auto",
 ) -> dict:
     data_samples = load_dataset(data, fmt)
     if names:
@@ -109,6 +112,7 @@ def evaluate_folder(
         overlap=overlap,
         device=device,
         precision=precision,
+        runtime=runtime,
         tta=tta,
     )
     report["data"] = str(data)

@@ -324,6 +324,7 @@ class Trainer:
                 tile=c.val_tile,
                 overlap=0.0,
                 device=str(self.device),
+                runtime="torch",  # the weights change between validations: nothing to convert and cache
             )
             rows.append(all_metrics(r.probability, s.mask))
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
