@@ -27,6 +27,9 @@
 10. runtimes: the same batched forward in torch (fp32, channels-last fp32, channels-last bf16), ONNX
            Runtime and OpenVINO (fp32 and its bf16 hint) where installed (`pip install onnx onnxruntime
            openvino`; the ONNX export is cached in bench_out/runtimes), each checked against torch fp32.
+11. speedup: the default model at its defaults now against the path before the speed work (attention on the
+           math fallback, torch runtime, no skipping), side by side at 512 and 2048 px, with masks and the
+           validation Dice of both compared.
 """
 
 from __future__ import annotations
@@ -555,6 +558,78 @@ def bench_runtimes(model: SegDiffModel, batch: int, tile: int = 256, cache: str 
     return row
 
 
+# ---------------------------------------------------------------------------------------- 11. speedup
+def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: str | None) -> dict:
+    """The default model at its defaults, now, against the path before the speed work, side by side in this
+    process: 'before' = attention forced onto PyTorch's math fallback (what the old layout got), the torch
+    runtime, no tile skipping; 'now' = the defaults (fused SDPA attention, runtime auto: OpenVINO where
+    installed, skipping on). Same seed; masks compared; validation Dice of both where the data is here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before_kw = dict(runtime="torch", skip_empty=False)
+    paths = {
+        "before": lambda img: _with(sdpa_kernel([SDPBackend.MATH]), ns.segment, img, model, seed=0, **before_kw),
+        "now": lambda img: ns.segment(img, model, seed=0),
+    }
+    base = sample_512()
+    res: dict = {"model": model.name, "sizes": []}
+    warm = paths["now"](base[:256, :256])  # the OpenVINO conversion (once per machine) and compile are not timed
+    res["runtime_now"] = warm.info["runtime"]
+    res["precision"] = warm.info["precision"]
+    for size in sizes:
+        reps = max(1, int(size / base.shape[0]))
+        img = np.tile(base, (reps, reps, 1))[:size, :size]
+        row: dict = {"size": size}
+        masks = {}
+        order = ("before", "now", "before", "now") if size <= 512 else ("before", "now")
+        for name in order:  # interleaved, best of each
+            t0 = time.perf_counter()
+            r = paths[name](img)
+            dt = time.perf_counter() - t0
+            row[f"{name}_s"] = min(row.get(f"{name}_s", 1e9), dt)
+            masks[name] = np.asarray(r.mask)
+            if name == "now":
+                row["skipped_tiles"] = r.info.get("skipped_tiles", 0)
+                row["tiles"] = r.info["tiles"]
+        for name in paths:
+            row[f"{name}_mpx_per_min"] = size * size / 1e6 / (row[f"{name}_s"] / 60)
+        row["speedup"] = row["before_s"] / row["now_s"]
+        row["mask_agreement"] = float((masks["before"] == masks["now"]).mean())
+        print(f"  speedup {size}: {row}", flush=True)
+        res["sizes"].append(row)
+    if val_data and Path(val_data).exists():
+        from napari_segdiff.training.datasets import load_dataset
+        from napari_segdiff.training.metrics import all_metrics
+
+        names = None
+        if val_names and Path(val_names).exists():
+            lines = Path(val_names).read_text().splitlines()
+            names = {n.strip() for n in lines if n.strip() and not n.startswith("#")}
+        items = [s for s in load_dataset(val_data) if names is None or s.name in names]
+        dice = {"before": [], "now": []}
+        agree = []
+        for s in items:
+            ms = {}
+            for name in paths:
+                r = paths[name](s.image)
+                dice[name].append(all_metrics(r.probability, s.mask)["dice"])
+                ms[name] = np.asarray(r.mask)
+            agree.append(float((ms["before"] == ms["now"]).mean()))
+        res["validation"] = {
+            "images": len(items),
+            "dice_before": float(np.mean(dice["before"])),
+            "dice_now": float(np.mean(dice["now"])),
+            "mask_agreement": float(np.mean(agree)),
+        }
+        print(f"  speedup validation: {res['validation']}", flush=True)
+    return res
+
+
+def _with(ctx, fn, *args, **kw):
+    with ctx:
+        return fn(*args, **kw)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
@@ -567,6 +642,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--scale-sizes", default="2048,20000", help="image sizes for the scale part")
     p.add_argument("--json", default="bench_out/results.json")
+    p.add_argument("--speedup-sizes", default="512,2048", help="image sizes for the speedup part")
+    p.add_argument(
+        "--val-data",
+        default=str(HERE.parent.parent / "shared" / "data" / "monuseg" / "train"),
+        help="labelled folder for the speedup part's validation Dice",
+    )
+    p.add_argument("--val-names", default=str(HERE.parent / "training" / "nuclei-he" / "val.txt"))
     args = p.parse_args(argv)
     parts = set(args.only.split(","))
     res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -609,6 +691,10 @@ def main(argv=None) -> int:
         res["skip"] = bench_skip()
     if "runtimes" in parts:
         res["runtimes"] = bench_runtimes(model, 2 * model.meta.get("sampling", {}).get("samples", 3))
+    if "speedup" in parts:
+        res["speedup"] = bench_speedup(
+            model, [int(v) for v in args.speedup_sizes.split(",")], args.val_data, args.val_names
+        )
     print_table(res)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -690,6 +776,22 @@ def print_table(res: dict) -> None:
             f"segment() 512x512 {r['math_segment_512_s']:.1f} s vs {r['fused_segment_512_s']:.1f} s "
             f"(x{r['segment_512_speedup']:.2f}), masks agree on {100 * r['mask_agreement']:.3f}% of pixels"
         )
+    if "speedup" in res:
+        r = res["speedup"]
+        for row in r["sizes"]:
+            print(
+                f"speedup, {r['model']} defaults, {row['size']}x{row['size']}: before (math attention, torch, "
+                f"no skip) {row['before_s']:.1f} s = {row['before_mpx_per_min']:.2f} MPx/min; now ({r['runtime_now']}, "
+                f"{r['precision']}) {row['now_s']:.1f} s = {row['now_mpx_per_min']:.2f} MPx/min: "
+                f"x{row['speedup']:.2f}; "
+                f"masks agree on {100 * row['mask_agreement']:.3f}%; {row['skipped_tiles']} of {row['tiles']} skipped"
+            )
+        if "validation" in r:
+            v = r["validation"]
+            print(
+                f"speedup, validation ({v['images']} images): Dice before {v['dice_before']:.4f}, now "
+                f"{v['dice_now']:.4f}; masks agree on {100 * v['mask_agreement']:.3f}%"
+            )
     for r in res.get("skip", []):
         print(
             f"skip empty tiles, {r['image']} ({r['model']}): {r['skipped_tiles']} of {r['tiles']} tiles skipped "
