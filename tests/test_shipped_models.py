@@ -72,3 +72,27 @@ def test_buildings_all_at_two_pixel_sizes_agree_on_one_grid():
     up = resize(coarse.probability, (512, 512), order=1) > 0.5
     assert full.mask.mean() > 0.05  # there are buildings to agree on
     assert iou(up, full.mask) >= 0.9
+
+
+def test_nuclei_he_at_40x_resolution_gives_the_same_nuclei():
+    """nuclei-he declares its native scale (MoNuSeg's 40x tiles, 1000 px at about 0.25 um/px, resized to 512 px:
+    0.488 um/px). The sample brought back to the 40x grid (0.25 um/px) and segmented with that pixel size gives
+    the same mask, once on one grid, and about the same nuclei, as the 512-px version."""
+    from skimage.transform import resize
+
+    model = ns.load_model("nuclei-he")
+    native = model.meta["pixel_size"]
+    img = _sample("nuclei_he.png")[:256, :256, :3]
+    side = int(round(256 * native / 0.25))  # 500 px
+    x40 = resize(img, (side, side), order=1, preserve_range=True).astype(np.uint8)
+    ref = ns.segment(img, model, seed=0, instances=True)
+    big = ns.segment(x40, model, pixel_size=0.25, pixel_unit="um", seed=0, instances=True)
+    assert big.mask.shape == (side, side) and big.info["scale_factor"] == pytest.approx(0.25 / native, rel=0.01)
+    back = resize(big.probability, (256, 256), order=1) > 0.5
+    assert ref.mask.mean() > 0.05  # there are nuclei to agree on
+    assert dice(back, ref.mask) >= 0.9
+    n_ref, n_big = len(np.unique(ref.labels)) - 1, len(np.unique(big.labels)) - 1
+    assert abs(n_big - n_ref) <= 0.15 * n_ref, (n_ref, n_big)
+    # told nothing, the 40x image is taken to be at the model's scale: nuclei twice the size it knows
+    wrong = ns.segment(x40, model, seed=0)
+    assert dice(resize(wrong.probability, (256, 256), order=1) > 0.5, ref.mask) < dice(back, ref.mask)
