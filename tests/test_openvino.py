@@ -137,3 +137,14 @@ def test_cli_runtime_flag(model, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["segment", str(tmp_path / "in.tif"), "-o", str(tmp_path / "x.tif"), "--runtime", "onnx", *fast])
     assert "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+@needs_openvino
+def test_unwritable_cache_is_refused_with_the_fix(model, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(_openvino.CACHE_ENV, str(blocker))
+    monkeypatch.setattr(_openvino, "_COMPILED", type(_openvino._COMPILED)())
+    with pytest.raises(SegDiffError, match="NAPARI_SEGDIFF_CACHE to a writable folder, or use runtime 'torch'"):
+        ns.segment(_image(), model, samples=1, steps=1, tile=32, runtime="openvino")
+    assert blocker.read_text() == "not a folder"  # nothing lost
