@@ -597,6 +597,8 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
         row["mask_agreement"] = float((masks["before"] == masks["now"]).mean())
         print(f"  speedup {size}: {row}", flush=True)
         res["sizes"].append(row)
+    if res["runtime_now"].startswith("openvino"):
+        res["openvino_profile"] = openvino_profile(model, 2 * model.meta.get("sampling", {}).get("samples", 3))
     if val_data and Path(val_data).exists():
         from napari_segdiff.training.datasets import load_dataset
         from napari_segdiff.training.metrics import all_metrics
@@ -623,6 +625,32 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
         }
         print(f"  speedup validation: {res['validation']}", flush=True)
     return res
+
+
+def openvino_profile(model: SegDiffModel, batch: int, tile: int = 256) -> dict:
+    """Share of OpenVINO's own per-node times (PERF_COUNT) by node type for one batched denoiser call of the
+    default runtime's compiled network (bf16 hint), the counterpart of the torch profile."""
+    import openvino as ov
+
+    from napari_segdiff import _openvino
+
+    folder = _openvino.cache_dir() / _openvino.ir_key(model.net)
+    img, x, t = _forward_inputs(model, batch, tile)
+    with torch.inference_mode():
+        feats = model.net.float().encode_image(img).repeat_interleave(batch, 0)
+    props = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERF_COUNT": True}
+    cm = ov.Core().compile_model(str(folder / "denoiser.xml"), "CPU", props)
+    req = cm.create_infer_request()
+    feed = [x.numpy(), t.numpy(), feats.numpy()]
+    req.infer(feed)
+    req.infer(feed)
+    shares: dict = {}
+    for p in req.profiling_info:
+        key = p.node_type if p.node_type != "Subgraph" else "Subgraph (fused elementwise)"
+        shares[key] = shares.get(key, 0.0) + p.real_time.total_seconds()
+    total = sum(shares.values())
+    top = dict(sorted(((k, v / total) for k, v in shares.items()), key=lambda kv: -kv[1])[:8])
+    return {"total_s": total, "shares": top}
 
 
 def _with(ctx, fn, *args, **kw):
@@ -786,6 +814,9 @@ def print_table(res: dict) -> None:
                 f"x{row['speedup']:.2f}; "
                 f"masks agree on {100 * row['mask_agreement']:.3f}%; {row['skipped_tiles']} of {row['tiles']} skipped"
             )
+        if "openvino_profile" in r:
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["openvino_profile"]["shares"].items())
+            print(f"OpenVINO per-node time, one batched denoiser call: {shares}")
         if "validation" in r:
             v = r["validation"]
             print(
