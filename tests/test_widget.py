@@ -143,6 +143,12 @@ def test_rerun_updates_layers_in_place(qtbot, dock):
     widget.precision.value = "fp32"  # the precision choice reaches the engine and is recorded
     run_and_wait(qtbot, widget)
     assert viewer.layers["img mask"].metadata["precision"] == "fp32"
+    from napari_segdiff import _openvino
+
+    if _openvino.available():  # the runtime choice reaches the engine and is recorded too
+        widget.runtime.value = "openvino"
+        run_and_wait(qtbot, widget)
+        assert viewer.layers["img mask"].metadata["runtime"].startswith("openvino")
 
 
 def test_cancel_adds_and_changes_nothing(qtbot, dock):
