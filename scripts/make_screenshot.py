@@ -1,4 +1,8 @@
-"""Make docs/screenshot.png: the napari window with the SegDiff widget and its results on the nuclei sample.
+"""Make docs/screenshot.png: the napari window with the SegDiff widget and its results on a shipped sample.
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/make_screenshot.py            # H&E nuclei
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/make_screenshot.py --sample buildings_scene \
+        --model buildings-all --instances -o docs/screenshot-buildings.png                # every building
 
 Run under a display (headless: ``xvfb-run -a .venv/bin/python scripts/make_screenshot.py``, with
 QT_QPA_PLATFORM unset). Uses the shipped 'nuclei-he' model when installed, otherwise the untrained 'tiny'
@@ -18,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", default=str(ROOT / "docs" / "screenshot.png"))
     p.add_argument("--model", default="nuclei-he", help="shipped model to use when installed")
+    p.add_argument("--sample", default="nuclei_he", help="napari-segdiff sample key (nuclei_he, buildings_scene, ...)")
+    p.add_argument("--instances", action="store_true", help="also label the objects (a Labels layer, the count)")
     p.add_argument("--samples", type=int, help="default: the model's recommended value")
     p.add_argument("--steps", type=int, help="default: the model's recommended value")
     p.add_argument("--tile", type=int, help="default: the library's TilingConfig.tile")
@@ -39,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     app = napari.qt.get_qapp()
     _, widget = viewer.window.add_plugin_dock_widget("napari-segdiff", "SegDiff segmentation")
     app.processEvents()  # dock first: the canvas takes its final size before the image is fitted to it
-    viewer.open_sample("napari-segdiff", "nuclei_he")
-    viewer.layers["nuclei_he ground truth"].visible = False
-    widget.image.value = viewer.layers["nuclei_he"]
+    viewer.open_sample("napari-segdiff", args.sample)
+    image = next(layer for layer in viewer.layers if "ground truth" not in layer.name)
+    for layer in viewer.layers:
+        if "ground truth" in layer.name:
+            layer.visible = False
+    widget.image.value = image
     if args.model in list_models():
         widget.model.value = args.model
     else:
@@ -57,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             getattr(widget, name).value = getattr(args, name)
     widget.seed.value = 0
+    widget.instances.value = bool(args.instances)
 
     loop = QEventLoop()
     widget.run_finished.connect(lambda status: loop.quit())
@@ -66,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     print(widget.status.value)
     if not widget.status.value.startswith("done"):
         return 1
-    viewer.layers.selection.active = viewer.layers["nuclei_he mask"]
+    shown = f"{image.name} labels" if args.instances else f"{image.name} mask"
+    if args.instances:
+        viewer.layers[f"{image.name} mask"].visible = False
+    viewer.layers.selection.active = viewer.layers[shown]
     app.processEvents()
     viewer.reset_view()  # fit the image to the canvas at its final size
     for _ in range(5):  # let the canvas and docks paint

@@ -132,6 +132,7 @@ def test_cli_runtime_flag(model, tmp_path, capsys):
     fast = ["--samples", "2", "--steps", "2", "--tile", "32", "--precision", "fp32", "-q", "--model", str(path)]
     out = tmp_path / "ov.tif"
     assert main(["segment", str(tmp_path / "in.tif"), "-o", str(out), "--runtime", "openvino", *fast]) == 0
+    assert f"openvino {_openvino.version()} fp32" in capsys.readouterr().out  # the summary line names the runtime
     ref = ns.segment(img, str(path), samples=2, steps=2, tile=32, precision="fp32", runtime="torch")
     np.testing.assert_allclose(read_result(out)["probability"], ref.probability, atol=2e-4)
     with pytest.raises(SystemExit):  # argparse names the choices

@@ -129,7 +129,8 @@ def _cmd_segment(args) -> int:
         )
     print(
         f"wrote {out}: {info['tiles']} tiles, {info['samples']} samples x {info['steps']} steps, "
-        f"model {info['model']}, {info['seconds']:.1f} s, foreground {float(np.asarray(result.mask[:]).mean()):.3f}"
+        f"model {info['model']}, {info.get('runtime', 'torch')} {info['precision']}, {info['seconds']:.1f} s, "
+        f"foreground {float(np.asarray(result.mask[:]).mean()):.3f}"
         f"{extra}"
     )
     return 0
