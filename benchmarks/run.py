@@ -469,17 +469,6 @@ def bench_skip() -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- 10. runtimes
-class _Denoiser(torch.nn.Module):
-    """The sampling network as the engine calls it per step: (x_t, t, G(I) features) -> output."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, t, feats):
-        return self.net(x, t, features=feats)
-
-
 def bench_runtimes(model: SegDiffModel, batch: int, tile: int = 256, cache: str = "bench_out/runtimes") -> dict:
     """One batched sampling-network forward (the engine's unit of work) in torch (fp32, channels-last fp32,
     channels-last bf16 autocast: the CPU default), ONNX Runtime (fp32) and OpenVINO (fp32 and bf16 hint),
@@ -510,8 +499,10 @@ def bench_runtimes(model: SegDiffModel, batch: int, tile: int = 256, cache: str 
         if not onnx_path.exists():
             t0 = time.perf_counter()
             tmp = onnx_path.with_suffix(".tmp.onnx")
+            from napari_segdiff._openvino import Denoiser
+
             torch.onnx.export(
-                _Denoiser(net),
+                Denoiser(net),
                 (x, t, feats),
                 str(tmp),
                 input_names=["x", "t", "feats"],

@@ -86,7 +86,10 @@ class _Encoder(torch.nn.Module):
         return self.net.encode_image(image)
 
 
-class _Denoiser(torch.nn.Module):
+class Denoiser(torch.nn.Module):
+    """The sampling network as the engine calls it per step: (x_t, t, G(I) features) -> output (also what the
+    benchmarks export to ONNX)."""
+
     def __init__(self, net):
         super().__init__()
         self.net = net
@@ -130,7 +133,7 @@ def _convert(net: torch.nn.Module, dest: Path) -> None:
                 _Encoder(net), example_input=(img,), input=[ov.PartialShape([-1, cfg.in_channels, -1, -1])]
             )
             den = ov.convert_model(
-                _Denoiser(net),
+                Denoiser(net),
                 example_input=(x, t, feats),
                 input=[ov.PartialShape([-1, 1, -1, -1]), ov.PartialShape([-1]), ov.PartialShape([-1, c, -1, -1])],
             )
