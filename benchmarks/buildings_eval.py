@@ -24,6 +24,8 @@ from napari_segdiff.training.metrics import instance_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/oam_buildings_all/train"
+#: thresholds of the probability map at which the pooled IoU is also reported (the threshold sweep)
+THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def tiles(data: Path) -> dict[str, dict]:
@@ -43,6 +45,8 @@ def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, 
         kw.update({k: v for k, v in (("samples", samples), ("steps", steps), ("tta", tta)) if v is not None})
         r = ns.segment(img, model, seed=seed, instances=True, **kw)
         m = np.asarray(r.mask)
+        prob = np.asarray(r.probability)
+        sweep = {f"{t:g}": [int(((prob > t) & gt).sum()), int(((prob > t) | gt).sum())] for t in THRESHOLDS}
         rows.append(
             {
                 "name": n,
@@ -53,6 +57,8 @@ def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, 
                 **instance_metrics(inst, r.labels),
                 "seconds": r.info["seconds"],
                 "mean_variance": float(np.mean(r.variance)),
+                "threshold": r.info["threshold"],
+                "sweep": sweep,
             }
         )
     return rows
@@ -72,6 +78,9 @@ def summary(rows) -> dict[str, dict]:
             "f1_50": float(np.mean([r["f1_50"] for r in rs])),
             "aji": float(np.mean([r["aji"] for r in rs])),
             "count_error": float(np.mean([r["count_error"] for r in rs])),
+            "pooled_iou_at": {
+                t: sum(r["sweep"][t][0] for r in rs) / max(1, sum(r["sweep"][t][1] for r in rs)) for t in rs[0]["sweep"]
+            },
         }
     return out
 
@@ -101,6 +110,8 @@ def main() -> None:
             f"{place:12s} tiles {v['tiles']:2d}  pooled IoU {v['pooled_iou']:.4f}  mean IoU {v['mean_iou']:.4f}  "
             f"F1@.5 {v['f1_50']:.3f}  AJI {v['aji']:.3f}  count err {v['count_error']:+.1f}"
         )
+    sweep = "  ".join(f"{t}: {v:.4f}" for t, v in s["all"]["pooled_iou_at"].items())
+    print(f"pooled IoU, all tiles, by threshold of the probability (the model's: {rows[0]['threshold']}): {sweep}")
     print(f"({time.time() - t0:.0f} s)")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "rows": rows, "summary": s}, indent=1))

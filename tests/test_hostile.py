@@ -18,6 +18,7 @@ from PIL import Image
 import napari_segdiff as ns
 from napari_segdiff._errors import ModelFileError, SegDiffError
 from napari_segdiff.cli import main as cli
+from napari_segdiff.engine import recommended_config
 from napari_segdiff.io import read_image
 from napari_segdiff.models import save_model
 from napari_segdiff.training.cli import main as train_cli
@@ -151,6 +152,23 @@ def test_export_stores_the_instance_method_and_tta_segment_then_uses(run_dir, tm
     r = ns.segment(img, str(out), tile=32, samples=1, steps=1, instances=True)
     assert r.info["instances"]["method"] == "hmaxima" and r.info["instances"]["h"] == 0.5
     assert r.info["tta"] is True  # the file's recommendation is segment()'s default
+
+
+def test_export_stores_a_recommended_threshold_segment_and_the_widget_use(run_dir, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert _run(train_cli, "export", run_dir / "run", "--name", "x", "-o", out, "--threshold", "0.3") == 0
+    assert ns.load_model(out).meta["sampling"]["threshold"] == 0.3
+    img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    r = ns.segment(img, str(out), tile=32, samples=1, steps=1)
+    assert r.info["threshold"] == 0.3
+    np.testing.assert_array_equal(r.mask, r.probability > 0.3)
+    assert ns.segment(img, str(out), tile=32, samples=1, steps=1, threshold=0.6).info["threshold"] == 0.6
+    assert recommended_config(ns.load_model(out)).sampling.threshold == 0.3  # what the widget's control takes
+    for bad in ("0", "1", "1.5"):
+        assert (
+            _run(train_cli, "export", run_dir / "run", "--name", "x", "-o", tmp_path / "b.pt", "--threshold", bad) == 2
+        )
+    assert "--threshold must be between 0 and 1" in capsys.readouterr().err and not (tmp_path / "b.pt").exists()
 
 
 @pytest.mark.parametrize(

@@ -83,14 +83,14 @@ def test_docks_from_manifest_with_library_defaults(make_napari_viewer, tiny_mode
     assert (widget.tile.value, widget.overlap.value, widget.threshold.value) == (
         t.tile,
         rec.tiling.overlap,
-        s.threshold,
+        rec.sampling.threshold,
     )
     assert widget.seed.value == s.seed and widget.device.value == "auto"
-    widget.samples.value, widget.steps.value, widget.overlap.value = 1, 1, 0.5
+    widget.samples.value, widget.steps.value, widget.overlap.value, widget.threshold.value = 1, 1, 0.5, 0.9
     widget.set_model(tiny_model)  # a model without recommended settings gets the library's defaults
     assert widget.model.value == "tiny (in memory)"
     assert (widget.samples.value, widget.steps.value, widget.steps.max) == (s.samples, s.steps, 20)
-    assert widget.overlap.value == t.overlap
+    assert widget.overlap.value == t.overlap and widget.threshold.value == s.threshold
     viewer.add_image(rgb_image(), name="a", rgb=True)
     viewer.add_labels(np.zeros((4, 4), np.uint8), name="not an image")
     assert [layer.name for layer in widget.image.choices] == ["a"]

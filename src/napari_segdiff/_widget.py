@@ -226,6 +226,7 @@ class SegDiffWidget(Container):
         self.sampler.value = rec.sampler
         self.eta.value = rec.eta
         self.tta.value = rec.tta
+        self.threshold.value = rec.threshold
         self.overlap.value = rec_cfg.tiling.overlap
         # the tile must reach the network as a multiple of its downsampling factor: the step follows the model
         self.tile.step = tile_multiple(mdl)

@@ -677,7 +677,8 @@ def recommended_config(mdl: SegDiffModel) -> SegmentConfig:
     """The settings ``segment()`` uses for a model when none are given: the sampling (and tiling)
     recommended in its file's metadata (measured for the shipped models), else the config defaults."""
     rec = mdl.meta.get("sampling") or {}
-    sampling = SamplingConfig(**{k: v for k, v in rec.items() if k in ("samples", "steps", "sampler", "eta", "tta")})
+    keys = ("samples", "steps", "sampler", "eta", "tta", "threshold")
+    sampling = SamplingConfig(**{k: v for k, v in rec.items() if k in keys})
     trec = mdl.meta.get("tiling") or {}
     tiling = TilingConfig(**{k: v for k, v in trec.items() if k in ("tile", "overlap", "batch_size")})
     return SegmentConfig(sampling=sampling, tiling=tiling)

@@ -149,6 +149,10 @@ def cmd_export(args) -> int:
     from .trainer import export
 
     sampling = {"samples": args.samples, "steps": args.steps, **({"tta": True} if args.tta else {})}
+    if args.threshold is not None:
+        if not 0 < args.threshold < 1:
+            raise SegDiffError(f"--threshold must be between 0 and 1 (exclusive), got {args.threshold}")
+        sampling["threshold"] = args.threshold
     tiling = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
     from ..io import check_file_output
 
@@ -284,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=10, help="recommended steps stored in the file")
     e.add_argument("--description")
     e.add_argument("--tta", action="store_true", help="recommend test-time augmentation (stored in the file)")
+    e.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="recommended threshold of the probability for the mask (stored in the file; default: the library's)",
+    )
     e.add_argument("--tile", type=int, default=None, help="recommended tile stored in the file")
     e.add_argument("--overlap", type=float, default=None, help="recommended overlap stored in the file")
     e.add_argument(
