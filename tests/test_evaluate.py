@@ -129,3 +129,20 @@ def test_eval_adds_object_metrics_where_instance_maps_exist(folder_and_model, tm
     )
     want = instance_metrics(label(mask), r.labels)
     assert rows["img1"]["aji"] == pytest.approx(want["aji"]) and rows["img1"]["pq"] == pytest.approx(want["pq"])
+
+
+def test_eval_scores_the_mask_at_the_models_recommended_threshold(folder_and_model, tmp_path):
+    """A model file that recommends a threshold is scored on the mask users get with it, not at 0.5."""
+    root, _ = folder_and_model
+    path = tmp_path / "low.pt"
+    save_model(tiny_model(seed=0), path, meta={"tiling": {"tile": 32}, "sampling": {"threshold": 0.2}})
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", str(path), "--data", str(root / "data"), "--names", "img1"]
+    assert main([*args, "--samples", "2", "--steps", "2", "--precision", "fp32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["threshold"] == 0.2
+    img = imread(root / "data" / "images" / "img1.png")
+    mask = imread(root / "data" / "masks" / "img1.png") > 0
+    r = segment(img, load_model(path), samples=2, steps=2, seed=0, precision="fp32")
+    assert report["images"][0]["dice"] == pytest.approx(all_metrics(r.probability, mask, threshold=0.2)["dice"])
+    assert (r.probability > 0.2).sum() != (r.probability > 0.5).sum()  # the two thresholds give other masks

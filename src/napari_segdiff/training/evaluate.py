@@ -48,7 +48,7 @@ def evaluate_items(
             kw["tta"] = tta
         has_instances = getattr(s, "instances", None) is not None
         r = segment(s.image, mdl, instances=has_instances, **kw)
-        m = all_metrics(r.probability, s.mask)
+        m = all_metrics(r.probability, s.mask, threshold=r.info["threshold"])  # the mask users get
         if has_instances:  # object metrics against the instance map, by the model's instance method
             m.update(instance_metrics(s.instances, np.asarray(r.labels)))
         m["seconds"] = r.info["seconds"]
@@ -62,6 +62,7 @@ def evaluate_items(
                 "steps",
                 "sampler",
                 "tta",
+                "threshold",
                 "seed",
                 "tile",
                 "overlap",
