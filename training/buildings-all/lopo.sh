@@ -2,19 +2,22 @@
 # Leave one place out: train buildings-all's recipe on the other places' tiles, score every tile of the place.
 #
 #   bash training/buildings-all/lopo.sh PLACE STEPS        e.g.  bash training/buildings-all/lopo.sh Kampala 1500
+#   INIT=none bash training/buildings-all/lopo.sh Zanzibar 3000     (the same network, random weights)
 #
 # Checkpoint selection uses the in-place validation tiles (val.txt) of the other places, never the held-out
 # place. The recipe starts from buildings-aerial, which was trained on Zanzibar and Nairobi crops, so only
-# Kampala and the Philippines are honest held-out places with this start (see the model card).
+# Kampala and the Philippines are honest held-out places with this start; INIT=none starts from random weights
+# of the same network, blind to every place (see the model card).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PLACE=$1
 STEPS=${2:-1500}
 DATA=../shared/data/oam_buildings_all/train
-RUN=runs/lopo-${PLACE,,}
+INIT=${INIT:-}
+RUN=runs/lopo-${PLACE,,}${INIT:+-$INIT}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$RUN/data/images" "$RUN/data/masks"
-"$PY" - "$PLACE" "$DATA" "$RUN" <<'PYEOF'
+"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" <<'PYEOF'
 import csv, json, os, sys
 from pathlib import Path
 place, data, run = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3])
@@ -31,6 +34,12 @@ val = [n for n in val if f"{n}.png" in keep]
 (run / "val.txt").write_text("\n".join(val) + "\n")
 recipe = json.load(open("training/buildings-all/recipe.json"))
 recipe.update(data=str(run / "data"), val=str(run / "val.txt"), out=str(run / "train"))
+if sys.argv[4] == "none":  # same network as the warm start, random weights
+    import dataclasses
+    from napari_segdiff.models import load_model
+    recipe["net"] = dataclasses.asdict(load_model(recipe.pop("init")).config)
+elif sys.argv[4]:
+    recipe["init"] = sys.argv[4]
 (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 print(f"{place}: {len(keep)} tiles of the other places ({len(val)} of them validation)")
 PYEOF
