@@ -2,7 +2,7 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/make_screenshot.py            # H&E nuclei
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/make_screenshot.py --sample buildings_scene \
-        --model buildings-all --instances -o docs/screenshot-buildings.png                # every building
+        --model buildings-all --instances -o docs/screenshot-buildings.jpg                # every building
 
 Run under a display (headless: ``xvfb-run -a .venv/bin/python scripts/make_screenshot.py``, with
 QT_QPA_PLATFORM unset). Uses the shipped 'nuclei-he' model when installed, otherwise the untrained 'tiny'

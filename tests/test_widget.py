@@ -134,6 +134,7 @@ def test_rerun_updates_layers_in_place(qtbot, dock):
     assert labels.data.dtype == np.int32 and labels.data.max() == labels.metadata["objects"]
     np.testing.assert_array_equal(labels.data > 0, viewer.layers["img mask"].data > 0)
     assert f"{labels.metadata['objects']} objects" in widget.status.value
+    assert widget.status.native.wordWrap()  # the long status line wraps instead of widening the dock
     before = {layer.name: layer for layer in viewer.layers}
     widget.seed.value = 11
     run_and_wait(qtbot, widget)

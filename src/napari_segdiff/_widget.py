@@ -146,6 +146,7 @@ class SegDiffWidget(Container):
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
+        self.status.native.setWordWrap(True)  # a long status wraps instead of widening the dock
         self.extend(
             [
                 self.image,
