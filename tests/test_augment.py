@@ -129,3 +129,26 @@ def test_presets_and_unknown_name():
     assert get_augment("vaihingen").rotation == (0, 360)
     with pytest.raises(SegDiffError, match="monuseg"):
         get_augment("heavy")
+
+
+def test_a_preset_can_have_fields_overridden_for_an_ablation():
+    base = get_augment("aerial-shift")
+    off = get_augment("aerial-shift, jpeg=0,noise=0, scale=1:1.5,vflip=0")
+    assert (off.jpeg, off.noise, off.scale, off.vflip) == (0.0, 0.0, (1.0, 1.5), False)
+    assert (off.gamma, off.blur, off.rotation, off.brightness) == (
+        base.gamma,
+        base.blur,
+        base.rotation,
+        base.brightness,
+    )
+    assert get_augment("aerial-shift") == base  # the preset itself is untouched
+    for bad, word in [
+        ("aerial-shift,jpg=0", "KEY=VALUE"),
+        ("aerial-shift,jpeg", "KEY=VALUE"),
+        ("aerial-shift,jpeg=-1", ">= 0"),
+        ("aerial-shift,scale=2:1", "LOW:HIGH"),
+        ("aerial-shift,vflip=maybe", "0 or 1"),
+        ("heavy,jpeg=0", "unknown augmentation preset 'heavy'"),
+    ]:
+        with pytest.raises(SegDiffError, match=word):
+            get_augment(bad)

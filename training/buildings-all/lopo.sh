@@ -3,6 +3,7 @@
 #
 #   bash training/buildings-all/lopo.sh PLACE STEPS        e.g.  bash training/buildings-all/lopo.sh Kampala 1500
 #   INIT=none bash training/buildings-all/lopo.sh Zanzibar 3000     (the same network, random weights)
+#   AUGMENT="aerial-shift,jpeg=0" TAG=nojpeg bash training/buildings-all/lopo.sh Kampala 1200   (an ablation)
 #
 # Checkpoint selection uses the in-place validation tiles (val.txt) of the other places, never the held-out
 # place. The recipe starts from buildings-aerial, which was trained on Zanzibar and Nairobi crops, so only
@@ -14,10 +15,12 @@ PLACE=$1
 STEPS=${2:-1500}
 DATA=../shared/data/oam_buildings_all/train
 INIT=${INIT:-}
-RUN=runs/lopo-${PLACE,,}${INIT:+-$INIT}
+AUGMENT=${AUGMENT:-}
+TAG=${TAG:-${INIT}}
+RUN=runs/lopo-${PLACE,,}${TAG:+-$TAG}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$RUN/data/images" "$RUN/data/masks"
-"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" <<'PYEOF'
+"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" "$AUGMENT" <<'PYEOF'
 import csv, json, os, sys
 from pathlib import Path
 place, data, run = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3])
@@ -40,6 +43,8 @@ if sys.argv[4] == "none":  # same network as the warm start, random weights
     recipe["net"] = dataclasses.asdict(load_model(recipe.pop("init")).config)
 elif sys.argv[4]:
     recipe["init"] = sys.argv[4]
+if sys.argv[5]:
+    recipe["augment"] = sys.argv[5]
 (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 print(f"{place}: {len(keep)} tiles of the other places ({len(val)} of them validation)")
 PYEOF

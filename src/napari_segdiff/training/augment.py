@@ -7,6 +7,7 @@ jitter on the image only. Presets follow the paper's section 5.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +52,40 @@ AUGMENT_PRESETS = {
 
 
 def get_augment(name: str) -> AugmentConfig:
-    if name not in AUGMENT_PRESETS:
-        raise SegDiffError(f"unknown augmentation preset {name!r}; choose one of {sorted(AUGMENT_PRESETS)}")
-    return AUGMENT_PRESETS[name]
+    """A preset by name, optionally with fields overridden: ``"aerial-shift,jpeg=0,noise=0"`` (ranges as
+    ``scale=0.75:1.5``, switches as ``vflip=0``), which is how an ablation turns one augmentation off."""
+    preset, *overrides = [part.strip() for part in str(name).split(",")]
+    if preset not in AUGMENT_PRESETS:
+        raise SegDiffError(f"unknown augmentation preset {preset!r}; choose one of {sorted(AUGMENT_PRESETS)}")
+    cfg = AUGMENT_PRESETS[preset]
+    fields = {f.name: f.type for f in dataclasses.fields(AugmentConfig)}
+    changes: dict = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise SegDiffError(
+                f"augmentation override {item!r} in {name!r} is not KEY=VALUE with KEY one of {', '.join(fields)}"
+            )
+        current = getattr(cfg, key)
+        try:
+            if isinstance(current, tuple):
+                lo, hi = (float(v) for v in value.split(":"))
+                if lo > hi:
+                    raise ValueError
+                changes[key] = (lo, hi)
+            elif isinstance(current, bool):
+                if value not in ("0", "1", "true", "false"):
+                    raise ValueError
+                changes[key] = value in ("1", "true")
+            else:
+                changes[key] = float(value)
+                if changes[key] < 0:
+                    raise ValueError
+        except ValueError:
+            want = "LOW:HIGH" if isinstance(current, tuple) else "0 or 1" if isinstance(current, bool) else ">= 0"
+            raise SegDiffError(f"augmentation override {item!r}: {key} takes {want}") from None
+    return dataclasses.replace(cfg, **changes)
 
 
 def random_affine_crop(
