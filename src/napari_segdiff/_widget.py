@@ -137,7 +137,7 @@ class SegDiffWidget(Container):
             text="instances (one label per object)",
             value=False,
             tooltip="Add a Labels layer with one id per object, by the model's instance "
-            "method (nuclei: watershed; buildings: connected components)",
+            "method (nuclei-he, buildings-all: h-maxima watershed; buildings-aerial: connected components)",
         )
         opts = widget_options(SamplingConfig, "tta")
         self.tta = CheckBox(text=opts["label"], value=_SAMPLING.tta, tooltip=opts["tooltip"])

@@ -3,7 +3,7 @@
 Three methods, chosen per model (``meta['instances']``) and measured in the model cards:
 
 * ``components``: connected components of the mask, objects smaller than ``min_area`` pixels dropped
-  (buildings: roofs rarely touch at 0.15-0.3 m/px).
+  (`buildings-aerial`: the one building of a crop).
 * ``watershed``: a watershed of the distance to the background, seeded at its local maxima at least
   ``min_distance`` pixels apart (what the widget did before; splits touching nuclei, but also
   breaks elongated ones).
