@@ -3,7 +3,8 @@ metrics (AJI, PQ, F1 at IoU 0.5, count error) on the MoNuSeg training images tha
 
     python benchmarks/instance_methods.py [--data ../shared/data/monuseg/train] [--model nuclei-he]
 
-The model's probability maps are computed once (at its defaults) and cached in bench_out/; rows are the
+The model's probability maps (and a 2-channel model's interior maps) are computed once (at its defaults) and
+cached in bench_out/; rows are the
 mean over the held-out validation images (``training/nuclei-he/val.txt``) that have instance maps, and,
 separately, over the training images that have them (in-sample: the model saw their masks).
 """
@@ -28,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/monuseg/train"))
     ap.add_argument("--model", default="nuclei-he")
-    ap.add_argument("--cache", default=str(ROOT / "bench_out/nuclei_probabilities.npz"))
+    ap.add_argument("--cache", default="", help="default: bench_out/<model>_maps.npz")
     a = ap.parse_args()
     data = Path(a.data)
     val = {
@@ -37,15 +38,19 @@ def main() -> None:
         if ln.strip() and not ln.startswith("#")
     }
     names = sorted(p.stem for p in (data / "instances").glob("*.png"))
-    cache = Path(a.cache)
-    probs = dict(np.load(cache)) if cache.exists() else {}
+    cache = Path(a.cache or ROOT / f"bench_out/{Path(a.model).stem}_maps.npz")
+    maps = dict(np.load(cache)) if cache.exists() else {}
     for n in names:
-        if n not in probs:
+        if n not in maps:
             r = ns.segment(read_image(data / "images" / f"{n}.png"), a.model, seed=0)
-            probs[n] = r.probability
+            maps[n] = r.probability
+            if r.interior is not None:
+                maps[f"{n}/interior"] = r.interior
             print(f"segmented {n} ({r.info['seconds']} s)", flush=True)
     cache.parent.mkdir(exist_ok=True)
-    np.savez_compressed(cache, **probs)
+    np.savez_compressed(cache, **maps)
+    probs = {n: maps[n] for n in names}
+    interiors = {n: maps.get(f"{n}/interior") for n in names}
     gts = {n: read_image(data / "instances" / f"{n}.png").astype(np.int64) for n in names}
     methods = [
         ("components", {}),
@@ -57,13 +62,16 @@ def main() -> None:
         ("hmaxima", {"h": 2.0}),
         ("hmaxima", {"h": 3.0}),
     ]
+    if all(v is not None for v in interiors.values()):  # a 2-channel model: seeds from its interior channel
+        methods += [("interior", {"seed_threshold": t}) for t in (0.3, 0.4, 0.5, 0.6, 0.7)]
     out = []
     for method, kw in methods:
         for min_area in (0, 10, 20):
             for part, keep in (("validation", lambda n: n in val), ("train (in-sample)", lambda n: n not in val)):
                 rows = []
                 for n in filter(keep, names):
-                    pred = label_instances(probs[n] > 0.5, probs[n], method=method, min_area=min_area, **kw)
+                    extra = {"interior": interiors[n]} if method == "interior" else {}
+                    pred = label_instances(probs[n] > 0.5, probs[n], method=method, min_area=min_area, **kw, **extra)
                     rows.append({**instance_metrics(gts[n], pred), "dice": dice(probs[n] > 0.5, gts[n] > 0)})
                 mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
                 out.append({"method": method, **kw, "min_area": min_area, "part": part, "images": len(rows), **mean})
@@ -73,7 +81,7 @@ def main() -> None:
                     f"F1@.5 {mean['f1_50']:.4f} count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
                     flush=True,
                 )
-    (ROOT / "bench_out/instance_methods.json").write_text(json.dumps(out, indent=1))
+    (ROOT / f"bench_out/instance_methods_{Path(a.model).stem}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def _convert(net: torch.nn.Module, dest: Path) -> None:
     side = 4 * cfg.downsample_factor  # a small example: the shapes stay dynamic
     c = cfg.base_channels
     img = torch.zeros(1, cfg.in_channels, side, side)
-    x = torch.zeros(1, 1, side, side)
+    x = torch.zeros(1, cfg.mask_channels, side, side)
     t = torch.zeros(1, dtype=torch.long)
     feats = torch.zeros(1, c, side, side)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,11 @@ def _convert(net: torch.nn.Module, dest: Path) -> None:
             den = ov.convert_model(
                 Denoiser(net),
                 example_input=(x, t, feats),
-                input=[ov.PartialShape([-1, 1, -1, -1]), ov.PartialShape([-1]), ov.PartialShape([-1, c, -1, -1])],
+                input=[
+                    ov.PartialShape([-1, cfg.mask_channels, -1, -1]),
+                    ov.PartialShape([-1]),
+                    ov.PartialShape([-1, c, -1, -1]),
+                ],
             )
         ov.save_model(enc, str(tmp / "encoder.xml"), compress_to_fp16=False)
         ov.save_model(den, str(tmp / "denoiser.xml"), compress_to_fp16=False)

@@ -88,20 +88,24 @@ class FinetuneWidget(Container):
         self.pair_list.value = "no pairs yet"
 
     def samples(self) -> list:
-        """The pairs as training samples: RGB uint8 copies of the images, boolean masks (layers untouched)."""
+        """The pairs as training samples: RGB uint8 copies of the images, boolean masks (layers untouched) and,
+        where a Labels layer holds more than one id, its ids as the objects (what a 2-channel model learns its
+        object interiors from)."""
         from .training.datasets import Sample, _rgb_uint8
 
         out = []
         for k, (img, lab) in enumerate(self.pairs):
             data = np.asarray(img.data[0] if img.multiscale else img.data)
-            mask = np.asarray(lab.data) > 0
+            ids = np.asarray(lab.data)
+            mask = ids > 0
             if data.ndim != (3 if img.rgb else 2) or mask.ndim != 2:
                 raise SegDiffError(f"{img.name}: fine-tuning takes 2-D images (grey or RGB) and 2-D masks")
             if data.shape[:2] != mask.shape:
                 raise SegDiffError(
                     f"{img.name} is {data.shape[:2]} but {lab.name} is {mask.shape}: pair layers of one size"
                 )
-            out.append(Sample(f"{k:02d}-{img.name}", _rgb_uint8(data.copy()), mask.copy()))
+            objects = ids.astype(np.int32) if mask.ndim == 2 and ids.max() > 1 else None
+            out.append(Sample(f"{k:02d}-{img.name}", _rgb_uint8(data.copy()), mask.copy(), objects))
         return out
 
     def run(self, *_):

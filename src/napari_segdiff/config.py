@@ -62,11 +62,16 @@ class NetworkConfig:
     diffusion_steps: int = 100
     beta_schedule: Literal["linear-scaled", "linear-paper"] = "linear-scaled"
     parameterization: Literal["eps", "x0"] = "eps"
+    # channels of the diffused mask x: 1 = the mask; 2 = the mask and the interior of its objects (each
+    # object eroded on its own, so touching objects are apart), learned from instance labels where the
+    # training data has them and used to seed the instance split
+    mask_channels: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
         _check(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
+        _check(self.mask_channels in (1, 2), f"mask_channels must be 1 or 2, got {self.mask_channels}")
         _check(
             self.base_channels >= 8 and self.base_channels % 8 == 0,
             f"base_channels must be a multiple of 8 (GroupNorm), got {self.base_channels}",

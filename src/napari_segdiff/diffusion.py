@@ -124,8 +124,11 @@ class Diffusion:
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
         i: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Eq. 18: E ||eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, I, t)||^2 (or the x0 target)."""
+        """Eq. 18: E ||eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, I, t)||^2 (or the x0 target).
+
+        ``weight`` (broadcastable to x0, 0 where the target is unknown) makes it a weighted mean."""
         b = x0.shape[0]
         if i is None:
             i = torch.randint(0, self.T, (b,), generator=generator, device="cpu").to(x0.device)
@@ -133,7 +136,11 @@ class Diffusion:
         x_t = self.schedule.q_sample(x0, i, noise)
         out = model_fn(x_t, i)
         target = noise if self.parameterization == "eps" else x0
-        return torch.mean((out.float() - target.float()) ** 2)
+        err = (out.float() - target.float()) ** 2
+        if weight is None:
+            return err.mean()
+        w = weight.float().expand_as(err)
+        return (err * w).sum() / w.sum().clamp(min=1.0)
 
     # ------------------------------------------------------------ sampling
     def sampling_schedule(self, steps: int | None) -> Schedule:

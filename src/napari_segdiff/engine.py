@@ -66,6 +66,9 @@ class SegmentationResult:
     info: dict[str, Any] = field(default_factory=dict)
     #: instance ids (int32, 0 = background) when ``instances=True`` was asked for, else None
     labels: Any = None
+    #: a 2-channel model's second channel: the sample mean of "inside an object's core" (objects eroded
+    #: apart), which seeds its instance split; None for 1-channel models
+    interior: Any = None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -297,19 +300,23 @@ class TileSampler:
         self.network_evaluations = 0
         self.encoder_evaluations = 0
 
-    def sample_maps(self, images: np.ndarray, indices: list[int], seed: int) -> torch.Tensor:
+    def sample_maps(
+        self, images: np.ndarray, indices: list[int], seed: int, all_channels: bool = False
+    ) -> torch.Tensor:
         """images: (B, C, h, w) in [-1, 1]. Returns every sample's probability map, (B, N, h', w') at the
-        network's resolution (h' = h * input_scale), in float32."""
+        network's resolution (h' = h * input_scale), in float32; with ``all_channels`` every mask channel
+        of a multi-channel model, (B, N, K, h', w')."""
         s = self.sampling
         net, diff = self.net, self.model.diffusion
         B, _, h0, w0 = images.shape
         scale = self.scale
         h, w = (h0, w0) if scale == 1.0 else (int(round(h0 * scale)), int(round(w0 * scale)))
         N = s.samples
+        K = self.model.config.mask_channels
         gens = [torch.Generator().manual_seed(tile_seed(seed, i)) for i in indices]
 
         def noise_fn(shape):  # per-tile generators: batching does not change the noise
-            return torch.cat([torch.randn((N, 1, h, w), generator=g) for g in gens])
+            return torch.cat([torch.randn((N, K, h, w), generator=g) for g in gens])
 
         autocast = precision_context(self.precision if self.runtime == "torch" else "fp32", self.device)
         with torch.inference_mode(), autocast:
@@ -337,7 +344,7 @@ class TileSampler:
 
             x0 = diff.sample(
                 model_fn,
-                (B * N, 1, h, w),
+                (B * N, K, h, w),
                 steps=s.steps,
                 sampler=s.sampler,
                 eta=s.eta,
@@ -346,24 +353,31 @@ class TileSampler:
             )
             if s.tta:
                 x0 = dihedral(x0, N, inverse=True)  # each sample back to the tile's own orientation
-        return ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, h, w)
+        p = ((x0.float().clamp(-1, 1) + 1.0) * 0.5).reshape(B, N, K, h, w)
+        return p if all_channels else p[:, :, 0]
 
     def __call__(self, images: np.ndarray, indices: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """images: (B, C, h, w) in [-1, 1]. Returns per-tile sample mean and second moment (B, h, w)."""
-        p = self.sample_maps(images, indices, seed)
+        """images: (B, C, h, w) in [-1, 1]. Returns per-tile sample mean and second moment (B, h, w), or
+        (B, h, w, K) for a model with K > 1 mask channels."""
+        p = self.sample_maps(images, indices, seed, all_channels=True)  # (B, N, K, h, w)
         h0, w0 = images.shape[-2:]
-        mean, second = p.mean(dim=1, keepdim=True), (p * p).mean(dim=1, keepdim=True)
+        mean, second = p.mean(dim=1), (p * p).mean(dim=1)
         if p.shape[-2:] != (h0, w0):  # bilinear weights are convex: the moments stay a valid mixture
             mean, second = (
                 torch.nn.functional.interpolate(a, size=(h0, w0), mode="bilinear", align_corners=False)
                 for a in (mean, second)
             )
-        return mean[:, 0].cpu().numpy(), second[:, 0].cpu().numpy()
+        if p.shape[2] == 1:
+            return mean[:, 0].cpu().numpy(), second[:, 0].cpu().numpy()
+        return mean.permute(0, 2, 3, 1).cpu().numpy(), second.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _make_outputs(shape, out, tile):
+def _make_outputs(shape, out, tile, interior: bool = False):
+    """probability, variance, mask and (for a 2-channel model, else None) interior: numpy or zarr arrays."""
+    names = [("probability", "f4"), ("variance", "f4"), ("mask", "bool")] + ([("interior", "f4")] if interior else [])
     if out is None:
-        return (np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(shape, bool))
+        arrays = [np.zeros(shape, np.float32 if dt == "f4" else bool) for _, dt in names]
+        return tuple(arrays) + ((None,) if not interior else ())
     import zarr
 
     if isinstance(out, (str, os.PathLike)):
@@ -371,12 +385,13 @@ def _make_outputs(shape, out, tile):
     else:
         group = out
     chunks = (min(tile, shape[0]), min(tile * 4, shape[1]))
-    return tuple(
+    arrays = [
         group.create_array(name, shape=shape, chunks=chunks, dtype=dt)
         if hasattr(group, "create_array")
         else group.create_dataset(name, shape=shape, chunks=chunks, dtype=dt)
-        for name, dt in (("probability", "f4"), ("variance", "f4"), ("mask", "bool"))
-    )
+        for name, dt in names
+    ]
+    return tuple(arrays) + ((None,) if not interior else ())
 
 
 def iter_segment(
@@ -500,15 +515,19 @@ def iter_segment(
             stacklevel=2,
         )
     weights = taper_weights(tiling.tile, tiling.tile - tiling.stride)
-    prob, var, mask = _make_outputs((H, W), out, tiling.tile)
+    K = mdl.config.mask_channels
+    prob, var, mask, interior = _make_outputs((H, W), out, tiling.tile, interior=K > 1)
     thr = sampling.threshold
 
     def emit(y0, y1, m, v):
+        if K > 1:  # the mask channel is the probability; the interior channel seeds the instance split
+            interior[y0:y1] = m[..., 1]
+            m, v = m[..., 0], v[..., 0]
         prob[y0:y1] = m
         var[y0:y1] = v
         mask[y0:y1] = m > thr
 
-    blender = StreamingBlender((H, W), tiling.tile, weights, emit)
+    blender = StreamingBlender((H, W), tiling.tile, weights, emit, channels=K)
     info = {
         "model": mdl.name,
         "sha256": mdl.sha256,
@@ -571,7 +590,7 @@ def iter_segment(
             a = None if alpha is None else np.asarray(alpha[win.slices])
             return empty_tile(block[: win.h, : win.w], a, bright_background=bright)
 
-        results = _skipping(items, why_empty, run, tiling.tile, skipped)
+        results = _skipping(items, why_empty, run, tiling.tile, skipped, channels=K)
     else:
         results = run(items)
     for done, (win, m, s2) in enumerate(results, start=1):
@@ -585,12 +604,14 @@ def iter_segment(
         info["encoder_evaluations"] = runner.encoder_evaluations
     labels = None
     if instances:
-        labels, info["instances"] = _instances(mdl, np.asarray(mask[:]), factor)
+        labels, info["instances"] = _instances(
+            mdl, np.asarray(mask[:]), factor, None if interior is None else np.asarray(interior[:])
+        )
         info["objects"] = int(labels.max())
         if out is not None:
             labels = _write_labels(prob, labels, tiling.tile)
     info["seconds"] = round(time.perf_counter() - t_start, 3)
-    yield SegmentationResult(prob, var, mask, info, labels)
+    yield SegmentationResult(prob, var, mask, info, labels, interior)
 
 
 def instance_settings(mdl: SegDiffModel) -> dict[str, Any]:
@@ -600,11 +621,23 @@ def instance_settings(mdl: SegDiffModel) -> dict[str, Any]:
     return d
 
 
-def _instances(mdl: SegDiffModel, mask: np.ndarray, factor: float) -> tuple[np.ndarray, dict[str, Any]]:
+def _instances(
+    mdl: SegDiffModel, mask: np.ndarray, factor: float, interior: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Labels by the model's method; lengths in its native pixels are converted to this image's."""
     from .instances import label_instances
 
     st = instance_settings(mdl)
+    if interior is not None and "method" not in (mdl.meta.get("instances") or {}):
+        st["method"] = "interior"  # a 2-channel model's own seeds, unless its file says otherwise
+    if st["method"] == "interior":
+        if interior is None:
+            raise SegDiffError(
+                f"model {mdl.name!r} asks for the 'interior' instance split, which needs a 2-channel model "
+                "(network mask_channels 2); set meta['instances'] to another method"
+            )
+        kw = {"min_area": float(st.get("min_area", 0)) / factor**2, "seed_threshold": st.get("seed_threshold", 0.5)}
+        return label_instances(mask, method="interior", interior=interior, **kw), {"method": "interior", **kw}
     kw: dict[str, Any] = {"method": st["method"], "min_area": float(st.get("min_area", 0)) / factor**2}
     if "min_distance" in st:
         kw["min_distance"] = max(1, int(round(float(st["min_distance"]) / factor)))
@@ -648,12 +681,12 @@ def _local_tiles(runner: TileSampler, items, tiling: TilingConfig, seed: int):
         yield from flush()
 
 
-def _skipping(items, why_empty, run, tile: int, counts: Counter):
+def _skipping(items, why_empty, run, tile: int, counts: Counter, channels: int = 1):
     """Tiles for which ``why_empty`` gives a reason bypass ``run`` and come back as zero mean and second
     moment; the rest go through ``run`` (batched, local or distributed). Results keep the raster order the
     streaming blender needs."""
     order: deque = deque()  # (window, skipped?) in input order, until its result is out
-    zero = np.zeros((tile, tile), np.float32)
+    zero = np.zeros((tile, tile) if channels == 1 else (tile, tile, channels), np.float32)
 
     def feed():
         for win, block in items:

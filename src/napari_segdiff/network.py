@@ -176,7 +176,7 @@ class SegDiffNet(nn.Module):
             self.time_mlp = nn.Sequential(nn.Linear(C, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
 
         self.G = ImageEncoder(cfg.in_channels, C, cfg.rrdb_width, cfg.rrdb_growth, cfg.rrdb_blocks)
-        self.F = nn.Conv2d(1, C, 3, padding=1)
+        self.F = nn.Conv2d(cfg.mask_channels, C, 3, padding=1)
 
         attn_levels = set(cfg.attention_levels)
         heads, drop = cfg.num_heads, cfg.dropout
@@ -205,7 +205,7 @@ class SegDiffNet(nn.Module):
                 ch = mult * C
             if lvl != 0:
                 self.up.append(Upsample(ch))
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, 1, 3, padding=1)))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, cfg.mask_channels, 3, padding=1)))
 
     # ------------------------------------------------------------
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
@@ -241,6 +241,23 @@ class SegDiffNet(nn.Module):
             else:
                 h = m(h)
         return self.out(h)
+
+
+def widen_mask_channels(state: dict[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+    """A 1-channel network's weights for a ``channels``-channel mask: F sees the new channels with zero
+    weights (the network starts as it was) and the output's new channels start as copies of the mask's,
+    so each starts by predicting the mask and learns its own target from there."""
+    state = dict(state)
+    f, o, ob = state["F.weight"], state["out.2.weight"], state["out.2.bias"]
+    have = f.shape[1]
+    if have == channels:
+        return state
+    if have != 1 or channels < 1:
+        raise ValueError(f"can widen a 1-channel network only, this one has {have} mask channels")
+    state["F.weight"] = torch.cat([f, f.new_zeros(f.shape[0], channels - 1, *f.shape[2:])], 1)
+    state["out.2.weight"] = torch.cat([o] * channels, 0)
+    state["out.2.bias"] = torch.cat([ob] * channels, 0)
+    return state
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -83,7 +83,7 @@ class StreamingBlender:
     """Accumulates weighted window moments; hands finished row bands to ``emit(y0, y1, mean, var)``.
 
     Windows must arrive in the raster order of :func:`window_grid`. Memory: three float32 arrays of
-    ``tile`` x ``W`` plus one window.
+    ``tile`` x ``W`` (x ``channels``) plus one window.
     """
 
     def __init__(
@@ -92,15 +92,18 @@ class StreamingBlender:
         tile: int,
         weights: np.ndarray,
         emit: Callable[[int, int, np.ndarray, np.ndarray], None],
+        channels: int = 1,
     ):
         self.H, self.W = shape
         self.tile = tile
-        self.weights = weights
+        # with channels > 1 the windows' moments are (tile, tile, channels) and so are the emitted bands
+        self.weights = weights if channels == 1 else weights[..., None]
         self.emit = emit
         bh = min(tile, self.H)
-        self._w = np.zeros((bh, self.W), np.float32)
-        self._s1 = np.zeros((bh, self.W), np.float32)
-        self._s2 = np.zeros((bh, self.W), np.float32)
+        band = (bh, self.W) if channels == 1 else (bh, self.W, channels)
+        self._w = np.zeros(band[:2] + (1,) * (len(band) - 2), np.float32)
+        self._s1 = np.zeros(band, np.float32)
+        self._s2 = np.zeros(band, np.float32)
         self._top = 0  # image row of the band's first row
 
     def _flush_to(self, y: int) -> None:
@@ -121,7 +124,7 @@ class StreamingBlender:
         self._top = y
 
     def add(self, win: Window, mean: np.ndarray, second: np.ndarray) -> None:
-        """Add a window's per-pixel sample mean and second moment (both tile x tile)."""
+        """Add a window's per-pixel sample mean and second moment (both tile x tile, x channels)."""
         self._flush_to(win.y)
         wt = self.weights[: win.h, : win.w]
         r0 = win.y - self._top

@@ -91,7 +91,8 @@ def get_augment(name: str) -> AugmentConfig:
 def random_affine_crop(
     image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A ``size`` x ``size`` crop of a randomly rotated/scaled/flipped view; mask stays aligned."""
+    """A ``size`` x ``size`` crop of a randomly rotated/scaled/flipped view; mask (bool, or uint8 values
+    moved by nearest neighbour) stays aligned."""
     H, W = mask.shape
     ang = np.deg2rad(rng.uniform(*aug.rotation))
     s = rng.uniform(*aug.scale)  # >1 zooms in
@@ -113,8 +114,9 @@ def random_affine_crop(
         ],
         -1,
     )
-    msk = ndimage.affine_transform(mask.astype(np.uint8), M, offset, (size, size), order=0, mode="mirror") > 0
-    return img, msk
+    msk = ndimage.affine_transform(mask.astype(np.uint8), M, offset, (size, size), order=0, mode="mirror")
+    # a bool mask stays bool; a uint8 map (e.g. bit-packed targets) keeps its values (nearest neighbour)
+    return img, (msk > 0 if mask.dtype == bool else msk)
 
 
 def colour_jitter(img: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:

@@ -125,12 +125,12 @@ def parse_instances(text: str) -> dict:
 
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
-        raise SegDiffError("--instances: give a method, e.g. hmaxima,h=0.5,min_area=10")
+        raise SegDiffError("--instances: give a method, e.g. hmaxima,h=0.5,min_area=10 or interior,seed_threshold=0.5")
     method, *pairs = parts
     if method not in METHODS:
         raise SegDiffError(f"--instances: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     out: dict = {"method": method}
-    allowed = {"min_area", "min_distance", "h"}
+    allowed = {"min_area", "min_distance", "h", "seed_threshold"}
     for p in pairs:
         k, sep, v = p.partition("=")
         if not sep or k not in allowed:
@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--instances",
         default=None,
         help="instance method stored in the file, METHOD[,key=value...], e.g. hmaxima,h=0.5,min_area=10 "
-        "(default: connected components)",
+        "or interior,seed_threshold=0.5 for a 2-channel model (default: connected components; a 2-channel "
+        "model's own interior seeds)",
     )
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.add_argument(

@@ -110,6 +110,13 @@ class TrainConfig:
             from ..models import load_model
 
             cfg = load_model(self.init).config
+            if self.net.get("mask_channels", cfg.mask_channels) != cfg.mask_channels:
+                if cfg.mask_channels != 1:
+                    raise SegDiffError(
+                        f"init model {self.init!r} has {cfg.mask_channels} mask channels; only a 1-channel "
+                        "model can be widened (net mask_channels)"
+                    )  # a 1-channel model is widened: see network.widen_mask_channels
+                cfg = dataclasses.replace(cfg, mask_channels=int(self.net["mask_channels"]))
             clash = {k: v for k, v in self.net.items() if getattr(cfg, k, None) != v}
             if clash:
                 raise SegDiffError(
@@ -152,6 +159,46 @@ def rescale_sample(s: Sample, scale: float) -> Sample:
     )
 
 
+#: bits of the packed training targets of a 2-channel model (moved together through the augmentation)
+MASK_BIT, INTERIOR_BIT, KNOWN_BIT = 1, 2, 4
+INTERIOR_WIDTH = 2  # px (at the network's scale) peeled off each object for the interior channel
+
+
+def pack_targets(s: Sample, scale: float = 1.0) -> np.ndarray:
+    """uint8 map of a sample's targets for a 2-channel model, at ``scale``: the mask, the interior of its
+    objects (from the instance map; where there is none, the mask eroded as a stand-in that is fed to the
+    network but not scored) and whether the interior is known."""
+    from scipy import ndimage as ndi
+
+    from ..instances import object_interior
+
+    mask = s.mask
+    if s.instances is not None:
+        inst = s.instances
+        known = np.ones(mask.shape, bool)
+    else:
+        inst = mask.astype(np.int32)
+        known = np.zeros(mask.shape, bool)
+    if scale != 1.0:  # peel the interior at the network's scale
+        zoom = (round(mask.shape[0] * scale) / mask.shape[0], round(mask.shape[1] * scale) / mask.shape[1])
+        mask, inst, known = (ndi.zoom(a, zoom, order=0) for a in (mask, inst, known))
+    interior = object_interior(inst, INTERIOR_WIDTH) & mask
+    return (mask * MASK_BIT | interior * INTERIOR_BIT | known * KNOWN_BIT).astype(np.uint8)
+
+
+def unpack_targets(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(2, h, w) targets in [-1, 1] and their (2, h, w) loss weights from a :func:`pack_targets` crop."""
+    x0 = np.stack([(code & MASK_BIT) > 0, (code & INTERIOR_BIT) > 0]).astype(np.float32) * 2.0 - 1.0
+    w = np.stack([np.ones(code.shape, bool), (code & KNOWN_BIT) > 0]).astype(np.float32)
+    return x0, w
+
+
+def _init_channels(init: str) -> int:
+    from ..models import load_model
+
+    return load_model(init).config.mask_channels
+
+
 def _save_json(path: Path, obj) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
@@ -185,14 +232,28 @@ class Trainer:
         self.train_set, self.val_set = split_samples(samples, cfg.val, cfg.seed)
         # the network works at input_scale: train on resized images; validation goes through the
         # engine at full resolution (it resizes per tile), scored against the full-resolution masks
-        self.train_set = [rescale_sample(s, self.net_cfg.input_scale) for s in self.train_set]
+        scale = self.net_cfg.input_scale
+        # a 2-channel model learns the mask and the interior of its objects: packed per image, at its scale
+        self.targets = [pack_targets(s, scale) for s in self.train_set] if self.net_cfg.mask_channels == 2 else None
+        if (
+            self.targets is not None
+            and not any(s.instances is not None for s in self.train_set)
+            and not (cfg.init and _init_channels(cfg.init) == 2)  # fine-tuning keeps what the model knows
+        ):
+            raise SegDiffError(
+                "a 2-channel model (net mask_channels 2) learns object interiors from instance maps, and no "
+                f"training image has one: put them in {cfg.data}/instances/ (one id per object, 0 = background)"
+            )
+        self.train_set = [rescale_sample(s, scale) for s in self.train_set]
         self.aug = get_augment(cfg.augment)
         torch.manual_seed(cfg.seed)
         self.net = SegDiffNet(self.net_cfg).to(self.device)
         if cfg.init:
             from ..models import load_model
+            from ..network import widen_mask_channels
 
-            self.net.load_state_dict(load_model(cfg.init).net.state_dict())
+            st = load_model(cfg.init).net.state_dict()
+            self.net.load_state_dict(widen_mask_channels(st, self.net_cfg.mask_channels))
         self.ema = copy.deepcopy(self.net).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -255,17 +316,26 @@ class Trainer:
         return tr
 
     # ------------------------------------------------------------ one step
-    def make_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images, targets (B, mask_channels, h, w) in [-1, 1] and the targets' loss weights (None: all 1)."""
         c = self.cfg
-        imgs, masks = [], []
+        imgs, masks, weights = [], [], []
         for _ in range(c.batch_size):
-            s = self.train_set[int(self.rng.integers(len(self.train_set)))]
-            img, m = augment_pair(s.image, s.mask, c.crop, self.aug, self.rng)
+            k = int(self.rng.integers(len(self.train_set)))
+            s = self.train_set[k]
+            if self.targets is None:
+                img, m = augment_pair(s.image, s.mask, c.crop, self.aug, self.rng)
+                masks.append(m[None].astype(np.float32) * 2.0 - 1.0)  # masks live in [-1, 1]
+            else:
+                img, code = augment_pair(s.image, self.targets[k], c.crop, self.aug, self.rng)
+                x0, w = unpack_targets(code)
+                masks.append(x0)
+                weights.append(w)
             imgs.append(np.moveaxis(img, -1, 0) / 127.5 - 1.0)
-            masks.append(m[None].astype(np.float32) * 2.0 - 1.0)  # masks live in [-1, 1]
         return (
             torch.from_numpy(np.stack(imgs).astype(np.float32)).to(self.device),
             torch.from_numpy(np.stack(masks)).to(self.device),
+            torch.from_numpy(np.stack(weights)).to(self.device) if weights else None,
         )
 
     def lr_at(self, step: int) -> float:
@@ -285,14 +355,14 @@ class Trainer:
         total = 0.0
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)
         for _ in range(c.grad_accum):
-            img, x0 = self.make_batch()
+            img, x0, weight = self.make_batch()
             ctx = torch.autocast(self.device.type, dtype=amp) if amp else torch.autocast("cpu", enabled=False)
             with ctx:
 
                 def model_fn(x, t, img=img):
                     return self.net(x, t, image=img)
 
-                loss = self.diffusion.training_loss(model_fn, x0, generator=self.gen)
+                loss = self.diffusion.training_loss(model_fn, x0, generator=self.gen, weight=weight)
             (loss / c.grad_accum).backward()
             total += float(loss.detach()) / c.grad_accum
         if c.grad_clip:
@@ -504,7 +574,7 @@ def export(
         p.data = p.data.half().float()
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
-    x = torch.randn(2, 1, cfg.image_size, cfg.image_size, generator=g)
+    x = torch.randn(2, cfg.mask_channels, cfg.image_size, cfg.image_size, generator=g)
     t = torch.tensor([0, cfg.diffusion_steps // 2])
     with torch.no_grad():
         err = float((net(x, t, image=img) - half_net(x, t, image=img)).abs().max())
