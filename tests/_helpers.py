@@ -56,3 +56,30 @@ def disc_folder(root, n: int = 3, size: int = 48, prefix: str = "img", mask_valu
         Image.fromarray(img).save(root / "images" / f"{prefix}{i}.png")
         Image.fromarray(mask.astype(np.uint8) * mask_value).save(root / "masks" / f"{prefix}{i}.png")
     return root
+
+
+def tiny_train_config(out, **kw):
+    """A TrainConfig for the 'tiny' preset on 32-px crops, one thread, no validation or checkpoints unless
+    ``kw`` asks for them."""
+    from napari_segdiff.training.trainer import TrainConfig
+
+    base = dict(
+        preset="tiny",
+        crop=32,
+        batch_size=4,
+        lr=2e-3,
+        warmup_steps=10,
+        augment="none",
+        val="",
+        val_every=10_000,
+        val_samples=2,
+        val_steps=5,
+        val_tile=32,
+        ckpt_every=10_000,
+        device="cpu",
+        threads=1,
+        out=str(out),
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import disc_image
+from _helpers import disc_image, tiny_train_config
 from skimage.io import imsave
 
 from napari_segdiff import segment
@@ -29,26 +29,7 @@ def _discs(n=3, size=48):
 
 
 def _cfg(out, **kw) -> TrainConfig:
-    base = dict(
-        preset="tiny",
-        crop=32,
-        batch_size=4,
-        lr=2e-3,
-        warmup_steps=10,
-        augment="none",
-        val="",
-        val_every=10_000,
-        val_samples=2,
-        val_steps=5,
-        val_tile=32,
-        ckpt_every=10_000,
-        device="cpu",
-        threads=1,
-        out=str(out),
-        seed=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(out, **kw)
 
 
 def _assert_same_state(a: dict, b: dict):

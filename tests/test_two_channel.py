@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import disc_image, tiny_model
+from _helpers import disc_image, tiny_model, tiny_train_config
 
 from napari_segdiff import segment
 from napari_segdiff._errors import SegDiffError
@@ -21,7 +21,6 @@ from napari_segdiff.training.trainer import (
     INTERIOR_BIT,
     KNOWN_BIT,
     MASK_BIT,
-    TrainConfig,
     Trainer,
     export,
     pack_targets,
@@ -142,27 +141,16 @@ def _disc_samples(n=3, instances=True):
 
 def _cfg(out, **kw):
     base = dict(
-        preset="tiny",
         net={"mask_channels": 2},
-        crop=32,
         batch_size=2,
-        lr=2e-3,
         warmup_steps=2,
         augment="monuseg",
         val="img2",
-        val_every=10_000,
         val_samples=1,
         val_steps=2,
-        val_tile=32,
-        ckpt_every=10_000,
-        device="cpu",
-        threads=1,
-        out=str(out),
-        seed=0,
         max_steps=3,
     )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(out, **{**base, **kw})
 
 
 def test_two_channel_training_exports_a_model_whose_labels_come_from_its_interior(tmp_path):
