@@ -330,11 +330,11 @@ def _best_of(fn, reps: int = 3) -> float:
 
 def _forward_inputs(model: SegDiffModel, batch: int, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seeded inputs of one batched sampling forward at the network's side of a ``tile``: the image (1, C, s, s),
-    x_t (batch, 1, s, s) and a mid-schedule t."""
+    x_t (batch, K, s, s) with K the model's mask channels, and a mid-schedule t."""
     side = int(round(tile * model.config.input_scale))
     g = torch.Generator().manual_seed(0)
     img = torch.rand(1, model.config.in_channels, side, side, generator=g) * 2 - 1
-    x = torch.randn(batch, 1, side, side, generator=g)
+    x = torch.randn(batch, model.config.mask_channels, side, side, generator=g)
     return img, x, torch.full((batch,), model.diffusion.T // 2, dtype=torch.long)
 
 

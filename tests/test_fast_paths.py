@@ -4,6 +4,7 @@ straightforward Algorithm 1 (G(I) in every call, one sample after another)."""
 import numpy as np
 import pytest
 import torch
+from _helpers import tiny_model
 from reference_sampler import reference_tile_sample
 
 import napari_segdiff as ns
@@ -31,6 +32,19 @@ def test_cached_and_batched_equals_straightforward(model, steps):
     # the engine made one encoder evaluation and T' batched network calls; the reference N*T' calls
     T = steps or model.diffusion.T
     assert runner.encoder_evaluations == 1 and runner.network_evaluations == T
+
+
+def test_two_channel_model_equals_straightforward():
+    model = tiny_model(mask_channels=2)
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    runner = TileSampler(model, SamplingConfig(samples=3, steps=2, seed=0), torch.device("cpu"))
+    mean, second = runner(img.numpy(), [0], seed=0)
+    with torch.inference_mode():
+        ref_mean, ref_second = reference_tile_sample(model, img, 3, 2, seed=0)
+    assert mean[0].shape == ref_mean.shape == (32, 32, 2)
+    assert np.abs(ref_mean[..., 0] - ref_mean[..., 1]).max() > 1e-3  # the channels differ
+    np.testing.assert_allclose(mean[0], ref_mean, atol=5e-4)
+    np.testing.assert_allclose(second[0], ref_second, atol=5e-4)
 
 
 def test_bf16_autocast_mask_agreement(model):

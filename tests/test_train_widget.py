@@ -74,6 +74,8 @@ def test_finetune_widget_refuses_without_pairs(make_napari_viewer, user_base):
 
 
 def test_review_lists_most_uncertain_tiles_and_jumps_to_them(make_napari_viewer):
+    from napari_segdiff._train_widget import viewer_camera
+
     viewer = make_napari_viewer()
     _, rv = viewer.window.add_plugin_dock_widget("napari-segdiff", "SegDiff review")
     var = np.zeros((128, 128), np.float32)
@@ -87,7 +89,7 @@ def test_review_lists_most_uncertain_tiles_and_jumps_to_them(make_napari_viewer)
     pts = viewer.layers["x variance review"]
     np.testing.assert_allclose(pts.data[:2], [[80, 16], [16, 112]])
     assert list(pts.features["score"][:2]) == pytest.approx([0.2, 0.1])
-    np.testing.assert_allclose(viewer.camera.center[-2:], (160, 32))  # the first place, in world coordinates
+    np.testing.assert_allclose(viewer_camera(viewer).center[-2:], (160, 32))  # the first place, in world coordinates
     rv.next_button.clicked.emit()
-    np.testing.assert_allclose(viewer.camera.center[-2:], (32, 224))
+    np.testing.assert_allclose(viewer_camera(viewer).center[-2:], (32, 224))
     assert rv.status.value.startswith("2/3")

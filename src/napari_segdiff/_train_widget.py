@@ -18,6 +18,13 @@ from ._errors import SegDiffError
 from .models import list_models, user_models_dir
 
 
+def viewer_camera(viewer):
+    """The viewer's camera: ``viewer.scene.camera`` from napari 0.9 on (where ``viewer.camera`` is
+    deprecated), ``viewer.camera`` before."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 class FinetuneWidget(Container):
     """Fine-tune a model on image/Labels layer pairs (e.g. a run's corrected ``mask`` layer).
 
@@ -290,10 +297,11 @@ class ReviewWidget(Container):
         layer = self.variance.value
         scale = np.asarray(layer.scale)[-2:] if layer is not None else np.ones(2)
         translate = np.asarray(layer.translate)[-2:] if layer is not None else np.zeros(2)
-        self._viewer.camera.center = tuple(np.asarray(it.center) * scale + translate)
+        camera = viewer_camera(self._viewer)
+        camera.center = tuple(np.asarray(it.center) * scale + translate)
         y0, x0, y1, x1 = it.box
         extent = max(y1 - y0, x1 - x0, 32) * float(scale.max())
-        self._viewer.camera.zoom = 600.0 / extent  # the place fills about 600 screen pixels
+        camera.zoom = 600.0 / extent  # the place fills about 600 screen pixels
         self.status.value = f"{self.index + 1}/{len(self.items)}: mean variance {it.score:.4f}" + (
             f", object {it.label}" if it.label else ""
         )
