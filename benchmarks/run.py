@@ -385,24 +385,46 @@ def bench_compile(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- 8. attention
-def _attention_share(fn) -> float:
+OP_KINDS = {  # per-op self time grouped as in the profile of the speed issue
+    "convolution": ("conv", "mkldnn_convolution"),
+    "attention": ("attention", "softmax", "aten::bmm", "isneginf", "aten::where", "aten::all"),
+    "groupnorm": ("group_norm", "native_group_norm"),
+    "silu": ("silu",),
+    "add": ("aten::add", "aten::add_"),  # exact names (aten::addmm is a matmul)
+    "copies": ("copy_", "contiguous", "clone", "aten::to", "_to_copy", "aten::cat"),
+}
+
+
+def _op_is(name: str, kind: str, keys: tuple[str, ...]) -> bool:
+    return name in keys if kind == "add" else any(key in name for key in keys)
+
+
+def _op_shares(fn) -> dict[str, float]:
+    """Share of one call's self CPU time by op kind (``OP_KINDS``; the rest is 'other')."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     ev = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in ev)
-    attn = sum(e.self_cpu_time_total for e in ev if "attention" in e.key or "softmax" in e.key or e.key == "aten::bmm")
-    return attn / total if total else 0.0
+    total = sum(e.self_cpu_time_total for e in ev) or 1.0
+    shares = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+    for e in ev:
+        kind = next((k for k, keys in OP_KINDS.items() if _op_is(e.key, k, keys)), "other")
+        shares[kind] += e.self_cpu_time_total / total
+    return shares
 
 
 def bench_attention(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from napari_segdiff.engine import precision_context, resolve_precision
+
     net = model.net.eval().to(memory_format=torch.channels_last)
     img, x, t = _forward_inputs(model, samples, tile)
     x = x.to(memory_format=torch.channels_last)
-    row: dict = {"model": model.name, "samples": samples, "tile": tile}
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)  # what the defaults run here: bf16 where native, else fp32
+    row: dict = {"model": model.name, "samples": samples, "tile": tile, "precision": precision}
     image = sample_512()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), precision_context(precision, cpu):
         feats = net.encode_image(img).repeat_interleave(samples, 0).to(memory_format=torch.channels_last)
         fwd = lambda: net(x, t, features=feats)  # noqa: E731
         outs = {}
@@ -411,7 +433,8 @@ def bench_attention(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
             with ctx:
                 row[f"{name}_forward_s"] = min(row.get(f"{name}_forward_s", 1e9), _best_of(fwd, reps=2))
                 outs[name] = fwd().float()
-                row[f"{name}_attention_share"] = _attention_share(fwd)
+                row[f"{name}_op_shares"] = _op_shares(fwd)
+                row[f"{name}_attention_share"] = row[f"{name}_op_shares"]["attention"]
     row["forward_speedup"] = row["math_forward_s"] / row["fused_forward_s"]
     row["forward_max_abs_diff"] = float((outs["math"] - outs["fused"]).abs().max())
     masks = {}
@@ -419,7 +442,7 @@ def bench_attention(model: SegDiffModel, samples: int, tile: int = 256) -> dict:
         ctx = sdpa_kernel([SDPBackend.MATH]) if name == "math" else contextlib.nullcontext()
         with ctx:
             t0 = time.perf_counter()
-            masks[name] = ns.segment(image, model, seed=0).mask
+            masks[name] = ns.segment(image, model, seed=0, runtime="torch").mask  # the kernel choice is torch's
             row[f"{name}_segment_512_s"] = min(row.get(f"{name}_segment_512_s", 1e9), time.perf_counter() - t0)
     row["segment_512_speedup"] = row["math_segment_512_s"] / row["fused_segment_512_s"]
     row["mask_agreement"] = float((masks["math"] == masks["fused"]).mean())
@@ -592,12 +615,15 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
     """The default model at its defaults, now, against the path before the speed work, side by side in this
     process: 'before' = attention forced onto PyTorch's math fallback (what the old layout got), the torch
     runtime, no tile skipping; 'now' = the defaults (fused SDPA attention, runtime auto: OpenVINO where
-    installed, skipping on). Same seed; masks compared; validation Dice of both where the data is here."""
+    installed, skipping on); 'torch' = the defaults on the torch runtime, so a machine where the second runtime
+    does not help shows what the rest gives. Same seed; masks compared; validation Dice of each where the data
+    is here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     before_kw = dict(runtime="torch", skip_empty=False)
     paths = {
         "before": lambda img: _with(sdpa_kernel([SDPBackend.MATH]), ns.segment, img, model, seed=0, **before_kw),
+        "torch": lambda img: ns.segment(img, model, seed=0, runtime="torch"),
         "now": lambda img: ns.segment(img, model, seed=0),
     }
     base = sample_512()
@@ -610,7 +636,7 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
         img = np.tile(base, (reps, reps, 1))[:size, :size]
         row: dict = {"size": size}
         masks = {}
-        order = ("before", "now", "before", "now") if size <= 512 else ("before", "now")
+        order = tuple(paths) * (2 if size <= 512 else 1)
         for name in order:  # interleaved, best of each
             t0 = time.perf_counter()
             r = paths[name](img)
@@ -623,7 +649,9 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
         for name in paths:
             row[f"{name}_mpx_per_min"] = size * size / 1e6 / (row[f"{name}_s"] / 60)
         row["speedup"] = row["before_s"] / row["now_s"]
+        row["speedup_torch"] = row["before_s"] / row["torch_s"]
         row["mask_agreement"] = float((masks["before"] == masks["now"]).mean())
+        row["mask_agreement_torch"] = float((masks["before"] == masks["torch"]).mean())
         print(f"  speedup {size}: {row}", flush=True)
         res["sizes"].append(row)
     if res["runtime_now"].startswith("openvino"):
@@ -637,7 +665,7 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
             lines = Path(val_names).read_text().splitlines()
             names = {n.strip() for n in lines if n.strip() and not n.startswith("#")}
         items = [s for s in load_dataset(val_data) if names is None or s.name in names]
-        dice = {"before": [], "now": []}
+        dice = {name: [] for name in paths}
         agree = []
         for s in items:
             ms = {}
@@ -649,6 +677,7 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
         res["validation"] = {
             "images": len(items),
             "dice_before": float(np.mean(dice["before"])),
+            "dice_torch": float(np.mean(dice["torch"])),
             "dice_now": float(np.mean(dice["now"])),
             "mask_agreement": float(np.mean(agree)),
         }
@@ -828,13 +857,17 @@ def print_table(res: dict) -> None:
     if "attention" in res:
         r = res["attention"]
         print(
-            f"attention, math fallback vs fused SDPA kernel ({r['model']}, bf16, channels-last): one forward of "
+            f"attention, math fallback vs fused SDPA kernel ({r['model']}, {r['precision']}, channels-last, torch): "
+            f"one forward of "
             f"{r['samples']} x {r['tile']} {r['math_forward_s']:.2f} s vs {r['fused_forward_s']:.2f} s "
             f"(x{r['forward_speedup']:.2f}; attention ops {100 * r['math_attention_share']:.0f}% vs "
             f"{100 * r['fused_attention_share']:.0f}% of self time; max |diff| {r['forward_max_abs_diff']:.1e}); "
             f"segment() 512x512 {r['math_segment_512_s']:.1f} s vs {r['fused_segment_512_s']:.1f} s "
             f"(x{r['segment_512_speedup']:.2f}), masks agree on {100 * r['mask_agreement']:.3f}% of pixels"
         )
+        for name in ("math", "fused"):
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r[f"{name}_op_shares"].items())
+            print(f"  per-op self time, {name} attention: {shares}")
     if "scene" in res:
         r = res["scene"]
         print(
@@ -850,7 +883,8 @@ def print_table(res: dict) -> None:
                 f"no skip) {row['before_s']:.1f} s = {row['before_mpx_per_min']:.2f} MPx/min; now ({r['runtime_now']}, "
                 f"{r['precision']}) {row['now_s']:.1f} s = {row['now_mpx_per_min']:.2f} MPx/min: "
                 f"x{row['speedup']:.2f}; "
-                f"masks agree on {100 * row['mask_agreement']:.3f}%; {row['skipped_tiles']} of {row['tiles']} skipped"
+                f"masks agree on {100 * row['mask_agreement']:.3f}%; {row['skipped_tiles']} of {row['tiles']} skipped; "
+                f"the defaults on torch {row['torch_s']:.1f} s: x{row['speedup_torch']:.2f}"
             )
         if "openvino_profile" in r:
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["openvino_profile"]["shares"].items())
@@ -859,7 +893,7 @@ def print_table(res: dict) -> None:
             v = r["validation"]
             print(
                 f"speedup, validation ({v['images']} images): Dice before {v['dice_before']:.4f}, now "
-                f"{v['dice_now']:.4f}; masks agree on {100 * v['mask_agreement']:.3f}%"
+                f"{v['dice_now']:.4f} (on torch {v['dice_torch']:.4f}); masks agree on {100 * v['mask_agreement']:.3f}%"
             )
     for r in res.get("skip", []):
         print(
