@@ -329,3 +329,14 @@ def test_checkpoint_selection_follows_the_metric_direction(tmp_path, metric, val
     t = Trainer(_cfg(tmp_path, select_metric=metric), samples=_discs(2))
     scores = {t.score({metric: v}, loss=1.0): v for v in values}
     assert scores[max(scores)] == best
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "none")])
+def test_amp_auto_takes_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, native, expected):
+    import napari_segdiff.engine as engine
+
+    monkeypatch.setattr(engine, "native_bf16", lambda device: native)
+    tr = Trainer(_cfg(tmp_path / "run", max_steps=1, amp="auto", device="cpu"), samples=_discs(2))
+    assert tr.amp == expected and tr.cfg.amp == "auto"  # the run keeps 'auto', resolved again on resume
+    with pytest.raises(SegDiffError, match="none, bf16, fp16 or auto"):
+        _cfg(tmp_path / "bad", amp="bfloat16")

@@ -19,8 +19,6 @@ AUGMENT=${AUGMENT:-}
 TAG=${TAG:-${INIT}}
 RUN=runs/lopo-${PLACE,,}${TAG:+-$TAG}
 PY=${PYTHON:-.venv/bin/python}
-# bf16 autocast where the CPU has it natively (AVX512-BF16/AMX); elsewhere float32 (emulated bf16 is ~x25 slower)
-AMP=${AMP:-$("$PY" -c 'import torch; from napari_segdiff.engine import native_bf16; print("bf16" if native_bf16(torch.device("cpu")) else "none")')}
 mkdir -p "$RUN/data/images" "$RUN/data/masks"
 "$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" "$AUGMENT" <<'PYEOF'
 import csv, json, os, sys
@@ -50,7 +48,7 @@ if sys.argv[5]:
 (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 print(f"{place}: {len(keep)} tiles of the other places ({len(val)} of them validation)")
 PYEOF
-"$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "$AMP" --threads 2 --max-steps "$STEPS" \
+"$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "${AMP:-auto}" --threads 2 --max-steps "$STEPS" \
     --lr-decay-start $((STEPS * 2 / 3)) --lr-min 1e-5 --val-every $((STEPS / 3)) > "$RUN/train.log" 2>&1
 "$PY" -m napari_segdiff.training.cli export "$RUN/train" --name "lopo-${PLACE,,}" -o "$RUN/model.pt" \
     --samples 3 --steps 2 --pixel-size 0.1485 --pixel-unit m --overwrite

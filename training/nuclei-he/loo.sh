@@ -14,8 +14,6 @@ WITH=${3:-}
 DATA=../shared/data/monuseg/train
 RUN=runs/loo-${ORGAN}${WITH:+-with}
 PY=${PYTHON:-.venv/bin/python}
-# bf16 autocast where the CPU has it natively (AVX512-BF16/AMX); elsewhere float32 (emulated bf16 is ~x25 slower)
-AMP=${AMP:-$("$PY" -c 'import torch; from napari_segdiff.engine import native_bf16; print("bf16" if native_bf16(torch.device("cpu")) else "none")')}
 mkdir -p "$RUN/data/images" "$RUN/data/masks" "$RUN/data/instances"
 "$PY" - "$ORGAN" "$DATA" "$RUN" "$WITH" <<'PYEOF'
 import csv, json, os, sys
@@ -38,7 +36,7 @@ recipe.update(data=str(run / "data"), val=str(run / "val.txt"), out=str(run / "t
 (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 print(f"{organ}: {len(keep)} images ({len(val)} of them validation)" + (f", with {mine[:-2]}" if with_ else ""))
 PYEOF
-"$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "$AMP" --threads 2 \
+"$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "${AMP:-auto}" --threads 2 \
     --max-minutes "$MINUTES" > "$RUN/train.log" 2>&1
 "$PY" -m napari_segdiff.training.cli export "$RUN/train" --name "loo-${ORGAN}${WITH:+-with}" -o "$RUN/model.pt" \
     --samples 3 --steps 2 --overlap 0 --pixel-size 0.488 --pixel-unit um --instances hmaxima,h=0.5,min_area=10 --overwrite

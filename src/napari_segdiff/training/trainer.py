@@ -21,7 +21,7 @@ import torch
 from .._errors import SegDiffError
 from ..config import NetworkConfig, get_preset
 from ..diffusion import Diffusion
-from ..engine import resolve_device, segment, warn_if_bf16_emulated
+from ..engine import resolve_device, resolve_precision, segment, warn_if_bf16_emulated
 from ..io import atomic_write_bytes
 from ..models import SegDiffModel, save_model
 from ..network import SegDiffNet, count_parameters
@@ -67,7 +67,7 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 0
     device: str = "auto"
-    amp: str = "none"  # none | bf16 (CPU or GPU) | fp16 (GPU)
+    amp: str = "none"  # none | bf16 (CPU or GPU) | fp16 (GPU) | auto (bf16 on a CPU with native bf16, else none)
     threads: int = 0  # 0 = torch default
     out: str = "runs/run"
 
@@ -76,8 +76,8 @@ class TrainConfig:
             raise SegDiffError(
                 f"select_metric must be one of {', '.join(METRIC_DIRECTION)}, got {self.select_metric!r}"
             )
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise SegDiffError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.amp not in ("none", "bf16", "fp16", "auto"):
+            raise SegDiffError(f"amp must be none, bf16, fp16 or auto, got {self.amp!r}")
         for k in (
             "crop",
             "batch_size",
@@ -210,7 +210,11 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.amp == "bf16":
+        # resolved on the machine that runs (a resumed 'auto' run resolves again where it continues)
+        self.amp = cfg.amp
+        if cfg.amp == "auto":
+            self.amp = "bf16" if resolve_precision("auto", self.device) == "bf16" else "none"
+        if self.amp == "bf16":
             warn_if_bf16_emulated(self.device)
         self.net_cfg = cfg.network_config()
         f = self.net_cfg.downsample_factor
@@ -353,7 +357,7 @@ class Trainer:
             g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         for _ in range(c.grad_accum):
             img, x0, weight = self.make_batch()
             ctx = torch.autocast(self.device.type, dtype=amp) if amp else torch.autocast("cpu", enabled=False)
