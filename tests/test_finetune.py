@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from _helpers import disc_folder, disc_image, tiny_model
 from PIL import Image
 
@@ -158,3 +159,19 @@ def test_corrupt_user_model_list_is_a_clear_error(user_dir):
     with pytest.raises(SegDiffError, match="user model list .* is unreadable"):
         list_models()
     assert user_models_dir() == user_dir
+
+
+def test_recipe_overrides_reach_the_trainer_and_the_file_records_them(base, tmp_path, user_dir):
+    data = _folder(tmp_path / "data", n=4)
+    res = finetune(
+        str(base), data, tmp_path / "o.pt", steps=3, progress=False, recipe={"freeze_encoder": True, "focus_steps": 2}
+    )
+    m, b = load_model(str(res.path)), load_model(str(base))
+    rec = m.meta["finetune"]["recipe"]
+    assert rec["freeze_encoder"] is True and rec["focus_steps"] == 2
+    g = [k for k in b.net.state_dict() if k.startswith("G.")]
+    ms, bs = m.net.state_dict(), b.net.state_dict()  # to the file's fp16 rounding
+    assert g and all(torch.allclose(ms[k].float(), bs[k].float(), rtol=2e-3, atol=1e-6) for k in g)
+    assert any(not torch.allclose(ms[k].float(), bs[k].float(), rtol=2e-3, atol=1e-6) for k in bs if k not in g)
+    with pytest.raises(SegDiffError, match="unknown training config keys"):
+        finetune(str(base), data, tmp_path / "p.pt", steps=1, progress=False, recipe={"freez_encoder": True})

@@ -340,3 +340,39 @@ def test_amp_auto_takes_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, na
     assert tr.amp == expected and tr.cfg.amp == "auto"  # the run keeps 'auto', resolved again on resume
     with pytest.raises(SegDiffError, match="none, bf16, fp16 or auto"):
         _cfg(tmp_path / "bad", amp="bfloat16")
+
+
+def test_frozen_encoder_trains_everything_but_g(tmp_path):
+    tr = Trainer(_cfg(tmp_path / "run", max_steps=3, val="none", freeze_encoder=True), samples=_discs(2))
+    before = {k: v.clone() for k, v in tr.net.state_dict().items()}
+    for _ in range(3):
+        tr.train_step()
+    after = tr.net.state_dict()
+    g = [k for k in before if k.startswith("G.")]
+    rest = [k for k in before if not k.startswith("G.") and before[k].is_floating_point()]
+    assert g and rest
+    assert all(torch.equal(before[k], after[k]) for k in g)
+    assert sum(not torch.equal(before[k], after[k]) for k in rest) > 0.9 * len(rest)
+    # and without the option G learns too
+    tr = Trainer(_cfg(tmp_path / "run2", max_steps=3, val="none"), samples=_discs(2))
+    before = {k: v.clone() for k, v in tr.net.state_dict().items()}
+    for _ in range(3):  # the output layer starts at zero: the first step moves only it
+        tr.train_step()
+    assert any(not torch.equal(before[k], tr.net.state_dict()[k]) for k in g)
+
+
+def test_focus_steps_puts_half_the_batch_at_the_samplers_timesteps(tmp_path):
+    tr = Trainer(_cfg(tmp_path / "run", val="none", batch_size=8, focus_steps=2), samples=_discs(2))
+    T = tr.diffusion.T
+    focus = set(tr.diffusion.sampling_schedule(2).timesteps.tolist())
+    assert focus == {0, T - 1}
+    draws = torch.stack([tr.timesteps(8) for _ in range(200)])
+    assert draws.min() >= 0 and draws.max() < T
+    assert all(int(v) in focus for v in draws[:, :4].flatten())  # the focused half
+    assert len(set(draws[:, 4:].flatten().tolist())) > 0.9 * T  # the uniform half covers the schedule
+    tr.train_step()  # and a step runs with them
+    assert Trainer(_cfg(tmp_path / "u", val="none"), samples=_discs(2)).timesteps(8) is None
+    with pytest.raises(SegDiffError, match="focus_steps"):
+        _cfg(tmp_path / "bad", focus_steps=-1)
+    with pytest.raises(SegDiffError, match="focus_steps must be at most"):
+        Trainer(_cfg(tmp_path / "bad", val="none", focus_steps=T + 1), samples=_discs(2))

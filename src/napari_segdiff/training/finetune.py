@@ -28,6 +28,8 @@ from .trainer import TrainConfig, Trainer, export
 LR = 5e-5
 BATCH = 4
 VAL_EVERY = 25
+#: the recipe settings a fine-tuned model file records
+RECIPE_KEYS = ("lr", "batch_size", "crop", "augment", "ema_decay", "freeze_encoder", "focus_steps", "amp")
 #: what a fine-tuned model file carries over from its base model's metadata
 CARRIED_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment")
 MIN_VAL_IMAGES = 8  # below this every image trains and the last state is kept (one held-out image of 4 chose
@@ -92,6 +94,7 @@ def finetune(
     progress: bool = True,
     samples=None,
     min_val_images: int = MIN_VAL_IMAGES,
+    recipe: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (shipped name or file) on ``data`` (``images/`` + ``masks/``) for ``minutes`` or
     ``steps``; write the model file ``out`` and, with ``name``, register it as a user model. ``samples``:
@@ -163,6 +166,8 @@ def finetune(
             threads=threads,
             out=str(run),
         )
+        if recipe:  # overrides of the fine-tuning recipe (TrainConfig fields), for measuring one against another
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), **recipe})
         tr = Trainer(cfg, samples=samples)
         base_score = None
         if val_names:  # the base model's own score: fine-tuning must beat it to be kept
@@ -196,6 +201,7 @@ def finetune(
                 "base_score": base_score,
                 "best_score": tr.best if val_names else None,
                 "select_metric": metric,
+                "recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS},
             },
         }
         for k in CARRIED_META:

@@ -70,6 +70,12 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 (CPU or GPU) | fp16 (GPU) | auto (bf16 on a CPU with native bf16, else none)
     threads: int = 0  # 0 = torch default
     out: str = "runs/run"
+    # the image encoder G kept as it is: no gradients through it, so a step costs about 0.7 of a full one
+    # (G is 44% of the forward FLOPs of cpu-small)
+    freeze_encoder: bool = False
+    # 0: timesteps uniform over 1..T (Eq. 18). N > 0: half of each batch at the timesteps an N-step respaced
+    # sampler evaluates (for 2 steps t = T and t = 1), the other half uniform
+    focus_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.select_metric not in METRIC_DIRECTION:
@@ -89,14 +95,16 @@ class TrainConfig:
             "val_steps",
             "val_tile",
             "warmup_steps",
+            "focus_steps",
         ):
             v = getattr(self, k)
             if (
                 isinstance(v, bool)
                 or not isinstance(v, (int, np.integer))
-                or int(v) < (0 if k == "warmup_steps" else 1)
+                or int(v) < (0 if k in ("warmup_steps", "focus_steps") else 1)
             ):
-                raise SegDiffError(f"{k} must be an integer >= {0 if k == 'warmup_steps' else 1}, got {v!r}")
+                low = 0 if k in ("warmup_steps", "focus_steps") else 1
+                raise SegDiffError(f"{k} must be an integer >= {low}, got {v!r}")
         if not 0 <= self.lr_decay_start < self.max_steps:
             raise SegDiffError(
                 f"lr_decay_start must be in [0, max_steps={self.max_steps}), got {self.lr_decay_start} "
@@ -262,7 +270,18 @@ class Trainer:
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.diffusion = Diffusion.from_config(self.net_cfg)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.focus_steps > self.diffusion.T:
+            raise SegDiffError(f"focus_steps must be at most the model's {self.diffusion.T} diffusion steps")
+        self.focus_t = (
+            torch.from_numpy(np.asarray(self.diffusion.sampling_schedule(cfg.focus_steps).timesteps, dtype=np.int64))
+            if cfg.focus_steps
+            else None
+        )
+        if cfg.freeze_encoder:
+            for p in self.net.G.parameters():
+                p.requires_grad_(False)
+        trained = [p for p in self.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.rng = np.random.default_rng(cfg.seed)  # data order and augmentation
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps and noise
         self.step = 0
@@ -350,6 +369,17 @@ class Trainer:
             lr = c.lr_min + (c.lr - c.lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac))
         return lr * min(1.0, (step + 1) / max(1, c.warmup_steps))
 
+    def timesteps(self, b: int) -> torch.Tensor | None:
+        """The batch's timestep indices: None (uniform, drawn by the loss) or, with focus_steps, half of them
+        at the sampler's timesteps."""
+        if self.focus_t is None:
+            return None
+        i = torch.randint(0, self.diffusion.T, (b,), generator=self.gen)
+        k = b // 2 if b > 1 else int(torch.randint(0, 2, (1,), generator=self.gen))
+        pick = torch.randint(0, len(self.focus_t), (k,), generator=self.gen)
+        i[:k] = self.focus_t[pick]
+        return i.to(self.device)
+
     def train_step(self) -> float:
         c = self.cfg
         self.net.train()
@@ -362,11 +392,20 @@ class Trainer:
             img, x0, weight = self.make_batch()
             ctx = torch.autocast(self.device.type, dtype=amp) if amp else torch.autocast("cpu", enabled=False)
             with ctx:
+                if c.freeze_encoder:
+                    with torch.no_grad():
+                        feats = self.net.encode_image(img)
 
-                def model_fn(x, t, img=img):
-                    return self.net(x, t, image=img)
+                    def model_fn(x, t, feats=feats):
+                        return self.net(x, t, features=feats)
+                else:
 
-                loss = self.diffusion.training_loss(model_fn, x0, generator=self.gen, weight=weight)
+                    def model_fn(x, t, img=img):
+                        return self.net(x, t, image=img)
+
+                loss = self.diffusion.training_loss(
+                    model_fn, x0, generator=self.gen, weight=weight, i=self.timesteps(len(x0))
+                )
             (loss / c.grad_accum).backward()
             total += float(loss.detach()) / c.grad_accum
         if c.grad_clip:
