@@ -4,6 +4,7 @@ engine, atomic checkpoints (last + best) and exact resume (model, EMA, optimizer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -97,13 +98,8 @@ class TrainConfig:
             "warmup_steps",
             "focus_steps",
         ):
-            v = getattr(self, k)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, np.integer))
-                or int(v) < (0 if k in ("warmup_steps", "focus_steps") else 1)
-            ):
-                low = 0 if k in ("warmup_steps", "focus_steps") else 1
+            v, low = getattr(self, k), 0 if k in ("warmup_steps", "focus_steps") else 1
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < low:
                 raise SegDiffError(f"{k} must be an integer >= {low}, got {v!r}")
         if not 0 <= self.lr_decay_start < self.max_steps:
             raise SegDiffError(
@@ -272,11 +268,10 @@ class Trainer:
         self.diffusion = Diffusion.from_config(self.net_cfg)
         if cfg.focus_steps > self.diffusion.T:
             raise SegDiffError(f"focus_steps must be at most the model's {self.diffusion.T} diffusion steps")
-        self.focus_t = (
-            torch.from_numpy(np.asarray(self.diffusion.sampling_schedule(cfg.focus_steps).timesteps, dtype=np.int64))
-            if cfg.focus_steps
-            else None
-        )
+        self.focus_t = None  # the model timesteps a focus_steps-step sampler evaluates
+        if cfg.focus_steps:
+            sched = self.diffusion.sampling_schedule(cfg.focus_steps)
+            self.focus_t = sched.model_t(torch.arange(sched.num_steps))
         if cfg.freeze_encoder:
             for p in self.net.G.parameters():
                 p.requires_grad_(False)
@@ -392,16 +387,11 @@ class Trainer:
             img, x0, weight = self.make_batch()
             ctx = torch.autocast(self.device.type, dtype=amp) if amp else torch.autocast("cpu", enabled=False)
             with ctx:
-                if c.freeze_encoder:
-                    with torch.no_grad():
-                        feats = self.net.encode_image(img)
+                with torch.no_grad() if c.freeze_encoder else contextlib.nullcontext():
+                    feats = self.net.encode_image(img)  # G(I); a frozen G gets no gradients
 
-                    def model_fn(x, t, feats=feats):
-                        return self.net(x, t, features=feats)
-                else:
-
-                    def model_fn(x, t, img=img):
-                        return self.net(x, t, image=img)
+                def model_fn(x, t, feats=feats):
+                    return self.net(x, t, features=feats)
 
                 loss = self.diffusion.training_loss(
                     model_fn, x0, generator=self.gen, weight=weight, i=self.timesteps(len(x0))
