@@ -88,9 +88,19 @@ def test_cache_keeps_the_most_recent(model, tmp_path, monkeypatch):
 
 
 def test_resolve_runtime(monkeypatch):
+    from napari_segdiff import engine
+
     monkeypatch.delenv("NAPARI_SEGDIFF_RUNTIME", raising=False)
-    auto = resolve_runtime("auto", CPU)
-    assert auto == ("openvino" if _openvino.available() else "torch")
+    monkeypatch.setattr(_openvino, "available", lambda: True)
+    for capability, expected in (("AVX512", "openvino"), ("AVX2", "torch"), ("DEFAULT", "torch")):
+        monkeypatch.setattr(engine, "cpu_capability", lambda c=capability: c)
+        assert resolve_runtime("auto", CPU) == expected, capability  # OpenVINO only where it measured faster
+        assert resolve_runtime("openvino", CPU) == "openvino"  # asked for by name: taken on any CPU
+    monkeypatch.setenv("NAPARI_SEGDIFF_RUNTIME", "openvino")
+    assert resolve_runtime("auto", CPU) == "openvino"  # the environment overrides the CPU rule
+    monkeypatch.delenv("NAPARI_SEGDIFF_RUNTIME")
+    monkeypatch.undo()
+    monkeypatch.delenv("NAPARI_SEGDIFF_RUNTIME", raising=False)
     assert resolve_runtime("torch", CPU) == "torch"
     assert resolve_runtime("auto", torch.device("cuda")) == "torch"  # OpenVINO is for the CPU only
     monkeypatch.setenv("NAPARI_SEGDIFF_RUNTIME", "torch")

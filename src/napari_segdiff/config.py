@@ -385,11 +385,12 @@ class SegmentConfig:
         "auto: bfloat16 on a CPU with native bf16 (about x2 faster, same masks), else float32",
         choices=PRECISIONS,
     )
-    # auto = OpenVINO for the sampling network on the CPU where the openvino extra is installed (x1.9 per
-    # batched forward of nuclei-he on a 2-core AMX Xeon, `benchmarks/run.py --only runtimes`), else torch
+    # auto = OpenVINO for the sampling network on a CPU with AVX-512 where the openvino extra is installed
+    # (x1.9 per batched forward of nuclei-he on a 2-core AMX Xeon, `benchmarks/run.py --only runtimes`), else
+    # torch (on an AVX2-only AMD EPYC OpenVINO measured no faster: engine.openvino_pays)
     runtime: Literal["auto", "torch", "openvino"] = param(
         "auto",
-        "auto: OpenVINO on the CPU where it is installed (about x2 per network call), else torch; "
+        "auto: OpenVINO on a CPU with AVX-512 where it is installed (about x2 per network call there), else torch; "
         f"${RUNTIME_ENV} sets what auto means",
         choices=RUNTIMES,
     )
