@@ -175,3 +175,23 @@ def test_recipe_overrides_reach_the_trainer_and_the_file_records_them(base, tmp_
     assert any(not torch.allclose(ms[k].float(), bs[k].float(), rtol=2e-3, atol=1e-6) for k in bs if k not in g)
     with pytest.raises(SegDiffError, match="unknown training config keys"):
         finetune(str(base), data, tmp_path / "p.pt", steps=1, progress=False, recipe={"freez_encoder": True})
+
+
+def test_blend_writes_the_weighted_mean_of_fine_tuned_and_base_weights(base, tmp_path, user_dir):
+    data = _folder(tmp_path / "data", n=4)
+    fast = {"lr": 1e-2, "warmup_steps": 1}  # weights that move measurably in 3 steps
+    full = finetune(str(base), data, tmp_path / "full.pt", steps=3, progress=False, seed=3, recipe=fast)
+    half = finetune(str(base), data, tmp_path / "half.pt", steps=3, progress=False, seed=3, recipe=fast, blend=0.5)
+    f, h, b = (load_model(str(p)).net.state_dict() for p in (full.path, half.path, base))
+    assert load_model(str(half.path)).meta["finetune"]["blend"] == 0.5
+    assert load_model(str(full.path)).meta["finetune"]["blend"] == 1.0
+    moved = [k for k in b if b[k].is_floating_point() and not torch.allclose(f[k].float(), b[k].float(), atol=1e-3)]
+    assert moved  # fine-tuning changed weights, so the blend is not trivially the base
+    for k in b:
+        if b[k].is_floating_point():  # to the files' fp16 rounding
+            expected = 0.5 * f[k].float() + 0.5 * b[k].float()
+            assert torch.allclose(h[k].float(), expected, rtol=4e-3, atol=1e-4), k
+    for bad in (0, 1.5, -0.2, True, float("nan")):
+        with pytest.raises(SegDiffError, match=r"blend is the share of the fine-tuned weights"):
+            finetune(str(base), data, tmp_path / "bad.pt", steps=1, progress=False, blend=bad)
+    assert not (tmp_path / "bad.pt").exists()

@@ -41,12 +41,16 @@ def test_finetune_widget_trains_registers_and_leaves_layers_alone(make_napari_vi
     assert ft.pairs == [(il, ml)] and "img + img mask" in ft.pair_list.value
     ft.base.value = user_base
     ft.minutes.value = 0.1
+    ft.blend.value = 0.5
     ft.name.value = "widget-model"
     assert "widget-model" not in list(seg.model.choices)
     ft.train_button.clicked.emit()
     qtbot.waitUntil(lambda: ft._worker is None, timeout=TIMEOUT_MS)
     assert ft.status.value.startswith("done: model 'widget-model'"), ft.status.value
     assert "widget-model" in list(seg.model.choices)  # offered without a restart
+    from napari_segdiff.models import load_model
+
+    assert load_model("widget-model").meta["finetune"]["blend"] == 0.5  # the blend control reached the file
     np.testing.assert_array_equal(il.data, before_img)
     np.testing.assert_array_equal(ml.data, before_mask)
     assert [ly.name for ly in viewer.layers] == ["img", "img mask"]

@@ -57,6 +57,15 @@ class FinetuneWidget(Container):
         self.pair_list = Label(value="no pairs yet")
         self.base = ComboBox(label="base model", choices=lambda _w=None: list(list_models()))
         self.minutes = FloatSpinBox(label="minutes", value=10.0, min=0.1, max=24 * 60, step=1.0)
+        self.blend = FloatSpinBox(
+            label="blend",
+            value=1.0,
+            min=0.05,
+            max=1.0,
+            step=0.05,
+            tooltip="share of the fine-tuned weights in the new model, the rest the base model's: 1 = as "
+            "fine-tuned; 0.5 keeps most of the gain on these images and most of what the base model does elsewhere",
+        )
         self.name = LineEdit(label="name", value="my-model")
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -70,6 +79,7 @@ class FinetuneWidget(Container):
                 self.pair_list,
                 self.base,
                 self.minutes,
+                self.blend,
                 self.name,
                 self.train_button,
                 self.cancel_button,
@@ -133,6 +143,7 @@ class FinetuneWidget(Container):
         self._stop = False
         t0 = time.time()
         budget = float(self.minutes.value)
+        blend = float(self.blend.value)
 
         def on_step(tr, st):
             self._last = (st["step"], time.time() - t0)
@@ -149,6 +160,7 @@ class FinetuneWidget(Container):
                 progress=False,
                 on_step=on_step,
                 should_stop=lambda: self._stop,
+                blend=blend,
             )
             with contextlib.suppress(OSError):
                 out.unlink()  # registered: the copy in the user model directory is the model

@@ -95,12 +95,21 @@ def finetune(
     samples=None,
     min_val_images: int = MIN_VAL_IMAGES,
     recipe: dict[str, Any] | None = None,
+    blend: float = 1.0,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (shipped name or file) on ``data`` (``images/`` + ``masks/``) for ``minutes`` or
     ``steps``; write the model file ``out`` and, with ``name``, register it as a user model. ``samples``:
-    already-loaded :class:`Sample` pairs instead of ``data`` (the napari widget passes its layers so)."""
+    already-loaded :class:`Sample` pairs instead of ``data`` (the napari widget passes its layers so).
+    ``blend`` < 1 writes ``blend * fine-tuned + (1 - blend) * base`` weights: a model that keeps more of what
+    the base knew about other places (measured in the buildings-all card: at 0.5, 83% of the gain on the
+    adapted place and 0.015 pooled IoU lost elsewhere, against 0.107 lost at 1)."""
     if (minutes is None) == (steps is None):
         raise SegDiffError("give a budget: either minutes or steps (one of them)")
+    if isinstance(blend, bool) or not isinstance(blend, (int, float)) or not (0 < blend <= 1):
+        raise SegDiffError(
+            f"blend is the share of the fine-tuned weights in the written model, in (0, 1] (1 = as fine-tuned, "
+            f"0.5 = halfway back to the base model); got {blend!r}"
+        )
     if minutes is not None and not (isinstance(minutes, (int, float)) and np.isfinite(minutes) and minutes > 0):
         raise SegDiffError(f"minutes must be > 0, got {minutes!r}")
     if steps is not None and not (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps > 0):
@@ -202,6 +211,7 @@ def finetune(
                 "best_score": tr.best if val_names else None,
                 "select_metric": metric,
                 "recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS},
+                "blend": float(blend) if kept != "base" else 1.0,
             },
         }
         for k in CARRIED_META:
@@ -214,6 +224,8 @@ def finetune(
             checkpoint=ck,
             sampling=base.meta.get("sampling"),
             extra_meta={**meta, "description": f"fine-tuned from {base.name}"},
+            blend=float(blend) if kept != "base" else 1.0,
+            base_state=base.net.state_dict(),
         )
         if name is not None:
             register_user_model(name, path, sha256_of(path), f"fine-tuned from {base.name}", overwrite=overwrite)

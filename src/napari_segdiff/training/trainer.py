@@ -590,9 +590,12 @@ def export(
     checkpoint: str = "best.pt",
     sampling: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    blend: float = 1.0,
+    base_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Path, str, bool]:
     """The EMA weights of a checkpoint as a small inference file. fp16 when its outputs stay within
-    1e-2 of fp32 on a probe input, else fp32. Returns (path, sha256, half)."""
+    1e-2 of fp32 on a probe input, else fp32. With ``blend`` < 1 the file holds ``blend * EMA + (1 - blend) *
+    base_state`` (weight-space ensembling of a fine-tuned network with its base). Returns (path, sha256, half)."""
     run_dir = Path(run_dir)
     ck = run_dir / checkpoint
     if not ck.exists():
@@ -600,7 +603,15 @@ def export(
     st = torch.load(ck, map_location="cpu", weights_only=True)
     cfg = NetworkConfig.from_dict(st["net_config"])
     net = SegDiffNet(cfg)
-    net.load_state_dict(st["ema"])
+    state = st["ema"]
+    if blend != 1.0:
+        if base_state is None:
+            raise ValueError("blend < 1 needs the base network's state")
+        state = {
+            k: (blend * v.float() + (1 - blend) * base_state[k].float()).to(v.dtype) if v.is_floating_point() else v
+            for k, v in state.items()
+        }
+    net.load_state_dict(state)
     net.eval()
     half_net = copy.deepcopy(net)
     for p in half_net.parameters():
