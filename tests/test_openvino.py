@@ -98,7 +98,6 @@ def test_resolve_runtime(monkeypatch):
         assert resolve_runtime("openvino", CPU) == "openvino"  # asked for by name: taken on any CPU
     monkeypatch.setenv("NAPARI_SEGDIFF_RUNTIME", "openvino")
     assert resolve_runtime("auto", CPU) == "openvino"  # the environment overrides the CPU rule
-    monkeypatch.delenv("NAPARI_SEGDIFF_RUNTIME")
     monkeypatch.undo()
     monkeypatch.delenv("NAPARI_SEGDIFF_RUNTIME", raising=False)
     assert resolve_runtime("torch", CPU) == "torch"

@@ -32,6 +32,11 @@ VAL_EVERY = 25
 RECIPE_KEYS = ("lr", "batch_size", "crop", "augment", "ema_decay", "freeze_encoder", "focus_steps", "amp")
 #: what a fine-tuned model file carries over from its base model's metadata
 CARRIED_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment")
+#: what ``blend`` means, for the CLI's help and the widget's tooltip
+BLEND_HELP = (
+    "share of the fine-tuned weights in the written model, the rest the base model's (1 = as fine-tuned; "
+    "0.5 keeps most of the gain on your images and most of what the base model does elsewhere)"
+)
 MIN_VAL_IMAGES = 8  # below this every image trains and the last state is kept (one held-out image of 4 chose
 # worse states: leave-one-place-out Kampala, 4 tiles, 10 min: pooled IoU 0.303 with it, 0.419 without)
 
@@ -198,6 +203,7 @@ def finetune(
         took = (time.time() - t0) / 60
         ck = "best.pt" if val_names and (run / "best.pt").exists() else "last.pt"
         kept = "last" if ck == "last.pt" else ("base" if base_score is not None and tr.best <= base_score else "best")
+        applied_blend = 1.0 if kept == "base" else float(blend)  # the base state blended with itself is the base
         meta = {
             "base_model": {"name": base.name, "sha256": base.sha256},
             "finetune": {
@@ -211,7 +217,7 @@ def finetune(
                 "best_score": tr.best if val_names else None,
                 "select_metric": metric,
                 "recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS},
-                "blend": float(blend) if kept != "base" else 1.0,
+                "blend": applied_blend,
             },
         }
         for k in CARRIED_META:
@@ -224,7 +230,7 @@ def finetune(
             checkpoint=ck,
             sampling=base.meta.get("sampling"),
             extra_meta={**meta, "description": f"fine-tuned from {base.name}"},
-            blend=float(blend) if kept != "base" else 1.0,
+            blend=applied_blend,
             base_state=base.net.state_dict(),
         )
         if name is not None:
