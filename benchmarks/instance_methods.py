@@ -7,6 +7,11 @@ The model's probability maps (and a 2-channel model's interior maps) are compute
 cached in bench_out/; rows are the
 mean over the held-out validation images (``training/nuclei-he/val.txt``) that have instance maps, and,
 separately, over the training images that have them (in-sample: the model saw their masks).
+
+``--agreement N`` adds the seeds that the samples agree on, on the validation images: each image segmented
+N times with one sample (seeds 0..N-1), the mask from the mean of the N probabilities, and the watershed
+seeded where at least k of the N samples' interiors exceed 0.5 (k = 1..N), beside the seeds of the mean
+interior above 0.5 on the same maps.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/monuseg/train"))
     ap.add_argument("--model", default="nuclei-he")
     ap.add_argument("--cache", default="", help="default: bench_out/<model>_maps.npz")
+    ap.add_argument("--agreement", type=int, default=0, help="N single-sample runs per validation image")
     a = ap.parse_args()
     data = Path(a.data)
     val = {
@@ -81,7 +87,53 @@ def main() -> None:
                     f"F1@.5 {mean['f1_50']:.4f} count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
                     flush=True,
                 )
+    if a.agreement:
+        out += agreement_rows(a.model, data, [n for n in names if n in val], gts, a.agreement)
     (ROOT / f"bench_out/instance_methods_{Path(a.model).stem}.json").write_text(json.dumps(out, indent=1))
+
+
+def agreement_rows(model, data: Path, names, gts, n_runs: int) -> list[dict]:
+    """Seeds that k of n single-sample runs agree on, against the mean interior's seeds on the same maps."""
+    runs = {
+        n: [ns.segment(read_image(data / "images" / f"{n}.png"), model, samples=1, seed=s) for s in range(n_runs)]
+        for n in names
+    }
+    if any(r.interior is None for rs in runs.values() for r in rs):
+        raise SystemExit("--agreement needs a 2-channel model (one that generates the interior)")
+    out = []
+    for seeds, k in [("mean interior > 0.5", None)] + [
+        (f"interior > 0.5 in >= {k} of {n_runs} samples", k) for k in range(1, n_runs + 1)
+    ]:
+        for min_area in (10, 20):
+            rows = []
+            for n, rs in runs.items():
+                prob = np.mean([r.probability for r in rs], axis=0)
+                if k is None:
+                    inner, t = np.mean([r.interior for r in rs], axis=0), 0.5
+                else:  # the share of samples whose interior is on; >= k of n votes is a share above (k - 0.5) / n
+                    inner, t = np.mean([r.interior > 0.5 for r in rs], axis=0), (k - 0.5) / n_runs
+                pred = label_instances(
+                    prob > 0.5, prob, method="interior", interior=inner, seed_threshold=t, min_area=min_area
+                )
+                rows.append({**instance_metrics(gts[n], pred), "dice": dice(prob > 0.5, gts[n] > 0)})
+            mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+            out.append(
+                {
+                    "method": "agreement",
+                    "seeds": seeds,
+                    "min_area": min_area,
+                    "part": "validation",
+                    "images": len(rows),
+                    **mean,
+                }
+            )
+            print(
+                f"{seeds:34s} min_area {min_area:2d} n={len(rows)} AJI {mean['aji']:.4f} PQ {mean['pq']:.4f} "
+                f"(DQ {mean['dq']:.3f} SQ {mean['sq']:.3f}) F1@.5 {mean['f1_50']:.4f} "
+                f"count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
+                flush=True,
+            )
+    return out
 
 
 if __name__ == "__main__":
