@@ -6,16 +6,19 @@
 #   bash training/nuclei-he/loo.sh ORGAN MINUTES [--with]     e.g.  bash training/nuclei-he/loo.sh breast 15
 #
 # Validation (checkpoint choice) uses nuclei-he's held-out images of the other organs, never the organ's.
+# THREADS (default 2) sets the torch threads, e.g. THREADS=1 to train the run and its --with reference side by
+# side on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ORGAN=${1,,}
 MINUTES=$2
+THREADS=${THREADS:-2}
 WITH=${3:-}
 DATA=../shared/data/monuseg/train
 RUN=runs/loo-${ORGAN}${WITH:+-with}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$RUN/data/images" "$RUN/data/masks" "$RUN/data/instances"
-"$PY" - "$ORGAN" "$DATA" "$RUN" "$WITH" <<'PYEOF'
+"$PY" - "$ORGAN" "$DATA" "$RUN" "$WITH" "$THREADS" <<'PYEOF'
 import csv, json, os, sys
 from pathlib import Path
 organ, data, run, with_ = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3]), sys.argv[4]
@@ -32,11 +35,11 @@ val = [n.strip() for n in open("training/nuclei-he/val.txt") if n.strip() and no
 val = [n for n in val if n in keep]
 (run / "val.txt").write_text("\n".join(val) + "\n")
 recipe = json.load(open("training/nuclei-he/recipe.json"))
-recipe.update(data=str(run / "data"), val=str(run / "val.txt"), out=str(run / "train"), threads=2)
+recipe.update(data=str(run / "data"), val=str(run / "val.txt"), out=str(run / "train"), threads=int(sys.argv[5]))
 (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 print(f"{organ}: {len(keep)} images ({len(val)} of them validation)" + (f", with {mine[:-2]}" if with_ else ""))
 PYEOF
-"$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "${AMP:-auto}" --threads 2 \
+"$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "${AMP:-auto}" --threads "$THREADS" \
     --max-minutes "$MINUTES" > "$RUN/train.log" 2>&1
 "$PY" -m napari_segdiff.training.cli export "$RUN/train" --name "loo-${ORGAN}${WITH:+-with}" -o "$RUN/model.pt" \
     --samples 3 --steps 2 --overlap 0 --pixel-size 0.488 --pixel-unit um --instances hmaxima,h=0.5,min_area=10 --overwrite
