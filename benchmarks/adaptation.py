@@ -9,7 +9,10 @@ One fine-tuning run per choice, as long as the longest budget: at each shorter b
 taken as a run with that budget would have ended (the best validated state so far, after the validation a
 run that runs out of time makes), so the rows are what ``napari-segdiff-train finetune --minutes M`` gives,
 without paying 2 + 5 + 10 + 20 minutes. Prints one row per (choice, minutes) against the base model and,
-with ``--reference``, against a model trained with the place.
+with ``--reference``, against a model trained with the place. ``--blends 1,0.5`` also scores each fine-tuned
+state blended with the base (``blend * fine-tuned + (1 - blend) * base``, what ``finetune --blend`` writes),
+and ``--also NAME,...`` scores every model on those images too (e.g. the other organs' held-out images: what
+fine-tuning costs where it was not aimed).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from buildings_eval import DATA, evaluate, tiles
 
-from napari_segdiff.models import load_model
+from napari_segdiff.models import load_model, save_model
 from napari_segdiff.training.finetune import CARRIED_META, MIN_VAL_IMAGES, finetune
-from napari_segdiff.training.trainer import export
+from napari_segdiff.training.trainer import blend_states, export
 
 ROOT = Path(__file__).resolve().parents[1]
 MONUSEG = ROOT.parent / "shared/data/monuseg/train"
@@ -103,6 +106,17 @@ def quarter_images(names, dst: Path) -> list[str]:
     return out
 
 
+def blended(path: Path, base, blend: float) -> Path:
+    """The model file at ``path`` with ``blend * its weights + (1 - blend) * base's`` (base: a loaded model)."""
+    if blend == 1.0:
+        return path
+    ft = load_model(str(path))
+    ft.net.load_state_dict(blend_states(ft.net.state_dict(), base.net.state_dict(), blend))
+    out = path.with_name(f"{path.stem}-blend{blend:g}.pt")
+    save_model(ft, out, meta={**ft.meta, "name": out.stem})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True)
@@ -120,8 +134,12 @@ def main() -> None:
         default=MIN_VAL_IMAGES,
         help=f"fine-tuning holds back a validation image from this many images on (default {MIN_VAL_IMAGES})",
     )
+    ap.add_argument("--blends", default="1", help="comma-separated shares of the fine-tuned weights to score")
+    ap.add_argument("--also", default="", help="comma-separated image (or tile) names every model is scored on too")
     ap.add_argument("--json")
     a = ap.parse_args()
+    blends = [float(b) for b in a.blends.split(",")]
+    also = [n for n in a.also.split(",") if n]
     tmp_data = None
     if a.place:
         data = DATA
@@ -158,7 +176,15 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     picks = {"variance": sorted(by_var[: a.k]), "random": sorted(rng.choice(pool, a.k, replace=False).tolist())}
     marks = sorted(float(m) for m in a.minutes.split(","))
-    base_meta = load_model(a.base).meta  # the snapshots run as the fine-tuned file would (sampling, instances)
+    base_model = load_model(a.base)
+    base_meta = base_model.meta  # the snapshots run as the fine-tuned file would (sampling, instances)
+
+    def also_rows(model):  # images of other organs or places, from the full training folder
+        return evaluate(model, also) if a.place else nuclei_rows(model, also)
+
+    also_base = scores(also_rows(a.base)) if also else {}
+    if also:
+        print(f"base on {also}: {also_base}", flush=True)
     out = []
     for choice in a.choices.split(","):
         train = picks[choice]
@@ -214,30 +240,40 @@ def main() -> None:
             print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
             snaps[marks[-1]] = (tmp / "ft.pt", res.steps)
             for m in marks:
-                path, steps = snaps[m]
-                s = scores(rows_of(str(path), test))
-                closed = {
-                    k: (s[k] - base[k]) / (ref[k] - base[k]) for k in s if k in ref and abs(ref[k] - base[k]) > 1e-9
-                }
-                row = {
-                    "target": a.place or a.organ,
-                    "choice": choice,
-                    "minutes": m,
-                    "steps": steps,
-                    "train": train,
-                    "test": test,
-                    "base": base,
-                    "reference": ref,
-                    "adapted": s,
-                    "gap_closed": closed,
-                }
-                out.append(row)
-                print(
-                    f"  {m:g} min ({steps} steps): "
-                    + ", ".join(f"{k} {v:.4f} (base {base[k]:.4f}, ref {ref.get(k, np.nan):.4f})" for k, v in s.items())
-                    + (f"; gap closed {closed}" if closed else ""),
-                    flush=True,
-                )
+                for blend in blends:
+                    path, steps = snaps[m]
+                    path = blended(path, base_model, blend)
+                    s = scores(rows_of(str(path), test))
+                    closed = {
+                        k: (s[k] - base[k]) / (ref[k] - base[k]) for k in s if k in ref and abs(ref[k] - base[k]) > 1e-9
+                    }
+                    elsewhere = scores(also_rows(str(path))) if also else {}
+                    row = {
+                        "target": a.place or a.organ,
+                        "choice": choice,
+                        "minutes": m,
+                        "steps": steps,
+                        "blend": blend,
+                        "train": train,
+                        "test": test,
+                        "base": base,
+                        "reference": ref,
+                        "adapted": s,
+                        "gap_closed": closed,
+                        "also": also,
+                        "also_base": also_base,
+                        "also_adapted": elsewhere,
+                    }
+                    out.append(row)
+                    print(
+                        f"  {m:g} min ({steps} steps), blend {blend:g}: "
+                        + ", ".join(
+                            f"{k} {v:.4f} (base {base[k]:.4f}, ref {ref.get(k, np.nan):.4f})" for k, v in s.items()
+                        )
+                        + (f"; gap closed {closed}" if closed else "")
+                        + (f"; elsewhere {elsewhere}" if elsewhere else ""),
+                        flush=True,
+                    )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if tmp_data is not None:

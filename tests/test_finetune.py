@@ -177,6 +177,17 @@ def test_recipe_overrides_reach_the_trainer_and_the_file_records_them(base, tmp_
         finetune(str(base), data, tmp_path / "p.pt", steps=1, progress=False, recipe={"freez_encoder": True})
 
 
+def test_blend_states_mixes_floating_tensors_and_keeps_counters():
+    from napari_segdiff.training.trainer import blend_states
+
+    tuned = {"w": torch.tensor([1.0, 3.0], dtype=torch.float16), "n": torch.tensor(7)}
+    base = {"w": torch.tensor([5.0, -1.0], dtype=torch.float16), "n": torch.tensor(2)}
+    out = blend_states(tuned, base, 0.75)
+    assert out["w"].dtype == torch.float16 and out["w"].tolist() == [2.0, 2.0]  # 0.75 * tuned + 0.25 * base
+    assert out["n"].item() == 7  # an integer buffer is not averaged
+    assert blend_states(tuned, base, 1.0)["w"].tolist() == [1.0, 3.0]
+
+
 def test_blend_writes_the_weighted_mean_of_fine_tuned_and_base_weights(base, tmp_path, user_dir):
     data = _folder(tmp_path / "data", n=4)
     fast = {"lr": 1e-2, "warmup_steps": 1}  # weights that move measurably in 3 steps

@@ -583,6 +583,17 @@ def pack_checkpoint(src: str | Path, dst: str | Path) -> tuple[int, int]:
     return src.stat().st_size, dst.stat().st_size
 
 
+def blend_states(
+    tuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor], blend: float
+) -> dict[str, torch.Tensor]:
+    """``blend * tuned + (1 - blend) * base`` for every floating-point tensor (weight-space ensembling of a
+    fine-tuned network with its base); other tensors (counters) are taken from ``tuned``."""
+    return {
+        k: (blend * v.float() + (1 - blend) * base[k].float()).to(v.dtype) if v.is_floating_point() else v
+        for k, v in tuned.items()
+    }
+
+
 def export(
     run_dir: str | Path,
     out: str | Path,
@@ -607,10 +618,7 @@ def export(
     if blend != 1.0:
         if base_state is None:
             raise ValueError("blend < 1 needs the base network's state")
-        state = {
-            k: (blend * v.float() + (1 - blend) * base_state[k].float()).to(v.dtype) if v.is_floating_point() else v
-            for k, v in state.items()
-        }
+        state = blend_states(state, base_state, blend)
     net.load_state_dict(state)
     net.eval()
     half_net = copy.deepcopy(net)
