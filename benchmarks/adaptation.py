@@ -236,6 +236,7 @@ def main() -> None:
                 seed=a.seed,
                 on_step=on_step,
                 min_val_images=a.min_val_images,
+                blend=1,  # the fine-tuned state itself; --blends mixes it with the base afterwards
             )
             print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
             snaps[marks[-1]] = (tmp / "ft.pt", res.steps)

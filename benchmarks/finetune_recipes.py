@@ -53,6 +53,7 @@ def main() -> None:
                 threads=a.threads,
                 recipe=recipe,
                 progress=False,
+                blend=1,  # the recipes' own fine-tuned weights, unblended
             )
             s = summary(evaluate(str(r.path), test, data))["all"]
             row = {"recipe": recipe, "steps": r.steps, "minutes": round(r.minutes, 2), **s}

@@ -13,7 +13,7 @@ import napari_segdiff as ns
 from napari_segdiff import SegDiffError
 from napari_segdiff.models import list_models, load_model, save_model, sha256_of, user_models_dir
 from napari_segdiff.training.cli import main
-from napari_segdiff.training.finetune import finetune
+from napari_segdiff.training.finetune import DEFAULT_BLEND, finetune
 
 
 @pytest.fixture
@@ -191,11 +191,13 @@ def test_blend_states_mixes_floating_tensors_and_keeps_counters():
 def test_blend_writes_the_weighted_mean_of_fine_tuned_and_base_weights(base, tmp_path, user_dir):
     data = _folder(tmp_path / "data", n=4)
     fast = {"lr": 1e-2, "warmup_steps": 1}  # weights that move measurably in 3 steps
-    full = finetune(str(base), data, tmp_path / "full.pt", steps=3, progress=False, seed=3, recipe=fast)
+    full = finetune(str(base), data, tmp_path / "full.pt", steps=3, progress=False, seed=3, recipe=fast, blend=1)
     half = finetune(str(base), data, tmp_path / "half.pt", steps=3, progress=False, seed=3, recipe=fast, blend=0.5)
     f, h, b = (load_model(str(p)).net.state_dict() for p in (full.path, half.path, base))
     assert load_model(str(half.path)).meta["finetune"]["blend"] == 0.5
     assert load_model(str(full.path)).meta["finetune"]["blend"] == 1.0
+    default = finetune(str(base), data, tmp_path / "default.pt", steps=1, progress=False, seed=3)
+    assert default.kept == "last" and load_model(str(default.path)).meta["finetune"]["blend"] == DEFAULT_BLEND
     moved = [k for k in b if b[k].is_floating_point() and not torch.allclose(f[k].float(), b[k].float(), atol=1e-3)]
     assert moved  # fine-tuning changed weights, so the blend is not trivially the base
     for k in b:

@@ -57,9 +57,9 @@ class FinetuneWidget(Container):
         self.pair_list = Label(value="no pairs yet")
         self.base = ComboBox(label="base model", choices=lambda _w=None: list(list_models()))
         self.minutes = FloatSpinBox(label="minutes", value=10.0, min=0.1, max=24 * 60, step=1.0)
-        from .training.finetune import BLEND_HELP
+        from .training.finetune import BLEND_HELP, DEFAULT_BLEND
 
-        self.blend = FloatSpinBox(label="blend", value=1.0, min=0.05, max=1.0, step=0.05, tooltip=BLEND_HELP)
+        self.blend = FloatSpinBox(label="blend", value=DEFAULT_BLEND, min=0.05, max=1.0, step=0.05, tooltip=BLEND_HELP)
         self.name = LineEdit(label="name", value="my-model")
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)

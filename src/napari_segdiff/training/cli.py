@@ -19,7 +19,7 @@ from typing import Any
 
 from .._errors import SegDiffError
 from ..config import PRECISIONS, RUNTIMES
-from .finetune import BLEND_HELP
+from .finetune import BLEND_HELP, DEFAULT_BLEND
 from .trainer import TrainConfig
 
 
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", required=True, help="the new model file (.pt)")
     f.add_argument("--name", default=None, help="also register it as a user model under this name")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file or user model")
-    f.add_argument("--blend", type=float, default=1.0, help=BLEND_HELP)
+    f.add_argument("--blend", type=float, default=DEFAULT_BLEND, help=BLEND_HELP)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     f.add_argument("-q", "--quiet", action="store_true")
