@@ -241,9 +241,9 @@ def main() -> None:
             print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
             snaps[marks[-1]] = (tmp / "ft.pt", res.steps)
             for m in marks:
+                tuned, steps = snaps[m]
                 for blend in blends:
-                    path, steps = snaps[m]
-                    path = blended(path, base_model, blend)
+                    path = blended(tuned, base_model, blend)
                     s = scores(rows_of(str(path), test))
                     closed = {
                         k: (s[k] - base[k]) / (ref[k] - base[k]) for k in s if k in ref and abs(ref[k] - base[k]) > 1e-9

@@ -100,18 +100,20 @@ def agreement_rows(model, data: Path, names, gts, n_runs: int) -> list[dict]:
     }
     if any(r.interior is None for rs in runs.values() for r in rs):
         raise SystemExit("--agreement needs a 2-channel model (one that generates the interior)")
+    probs = {n: np.mean([r.probability for r in rs], axis=0) for n, rs in runs.items()}
+    means = {n: np.mean([r.interior for r in rs], axis=0) for n, rs in runs.items()}
+    votes = {n: np.mean([r.interior > 0.5 for r in rs], axis=0) for n, rs in runs.items()}  # share of samples on
     out = []
-    for seeds, k in [("mean interior > 0.5", None)] + [
-        (f"interior > 0.5 in >= {k} of {n_runs} samples", k) for k in range(1, n_runs + 1)
-    ]:
+    # >= k of n votes is a share of samples above (k - 0.5) / n
+    rules = [("mean interior > 0.5", means, 0.5)]
+    rules += [
+        (f"interior > 0.5 in >= {k} of {n_runs} samples", votes, (k - 0.5) / n_runs) for k in range(1, n_runs + 1)
+    ]
+    for seeds, inners, t in rules:
         for min_area in (10, 20):
             rows = []
-            for n, rs in runs.items():
-                prob = np.mean([r.probability for r in rs], axis=0)
-                if k is None:
-                    inner, t = np.mean([r.interior for r in rs], axis=0), 0.5
-                else:  # the share of samples whose interior is on; >= k of n votes is a share above (k - 0.5) / n
-                    inner, t = np.mean([r.interior > 0.5 for r in rs], axis=0), (k - 0.5) / n_runs
+            for n in runs:
+                prob, inner = probs[n], inners[n]
                 pred = label_instances(
                     prob > 0.5, prob, method="interior", interior=inner, seed_threshold=t, min_area=min_area
                 )
