@@ -1,6 +1,7 @@
 """Score a buildings model on whole aerial tiles (every building marked), per place: pooled building IoU
 (sum of intersections / sum of unions over a place's tiles), mean per-tile IoU, object F1 at IoU 0.5 and AJI
-against the per-building instance maps. Each tile is segmented at its own ground sample distance
+against the per-building instance maps, and the per-pixel AUROC of the variance map for the mask's errors
+(mean over tiles). Each tile is segmented at its own ground sample distance
 (``pixel_size`` from tiles.csv), as a user with a georeferenced orthophoto would run it.
 
     python benchmarks/buildings_eval.py --model buildings-all --names training/buildings-all/val.txt
@@ -20,7 +21,7 @@ import numpy as np
 
 import napari_segdiff as ns
 from napari_segdiff.io import read_image
-from napari_segdiff.training.metrics import instance_metrics
+from napari_segdiff.training.metrics import error_auroc, instance_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/oam_buildings_all/train"
@@ -57,6 +58,7 @@ def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, 
                 **instance_metrics(inst, r.labels),
                 "seconds": r.info["seconds"],
                 "mean_variance": float(np.mean(r.variance)),
+                "error_auroc": error_auroc(r.variance, m, gt),
                 "threshold": r.info["threshold"],
                 "sweep": sweep,
             }
@@ -78,6 +80,7 @@ def summary(rows) -> dict[str, dict]:
             "f1_50": float(np.mean([r["f1_50"] for r in rs])),
             "aji": float(np.mean([r["aji"] for r in rs])),
             "count_error": float(np.mean([r["count_error"] for r in rs])),
+            "error_auroc": float(np.nanmean([r["error_auroc"] for r in rs])),
             "pooled_iou_at": {
                 t: sum(r["sweep"][t][0] for r in rs) / max(1, sum(r["sweep"][t][1] for r in rs)) for t in rs[0]["sweep"]
             },
@@ -108,7 +111,8 @@ def main() -> None:
     for place, v in s.items():
         print(
             f"{place:12s} tiles {v['tiles']:2d}  pooled IoU {v['pooled_iou']:.4f}  mean IoU {v['mean_iou']:.4f}  "
-            f"F1@.5 {v['f1_50']:.3f}  AJI {v['aji']:.3f}  count err {v['count_error']:+.1f}"
+            f"F1@.5 {v['f1_50']:.3f}  AJI {v['aji']:.3f}  count err {v['count_error']:+.1f}  "
+            f"error AUROC {v['error_auroc']:.3f}"
         )
     sweep = "  ".join(f"{t}: {v:.4f}" for t, v in s["all"]["pooled_iou_at"].items())
     print(f"pooled IoU, all tiles, by threshold of the probability (the model's: {rows[0]['threshold']}): {sweep}")

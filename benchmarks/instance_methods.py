@@ -36,7 +36,11 @@ def main() -> None:
     ap.add_argument("--model", default="nuclei-he")
     ap.add_argument("--cache", default="", help="default: bench_out/<model>_maps.npz")
     ap.add_argument("--agreement", type=int, default=0, help="N single-sample runs per validation image")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ap.add_argument("--samples", type=int, default=None, help="samples per tile (default: the model's)")
     a = ap.parse_args()
+    sampling = {k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None}
+    tag = "".join(f"_{k}{v}" for k, v in sampling.items())
     data = Path(a.data)
     val = {
         ln.strip()
@@ -44,11 +48,11 @@ def main() -> None:
         if ln.strip() and not ln.startswith("#")
     }
     names = sorted(p.stem for p in (data / "instances").glob("*.png"))
-    cache = Path(a.cache or ROOT / f"bench_out/{Path(a.model).stem}_maps.npz")
+    cache = Path(a.cache or ROOT / f"bench_out/{Path(a.model).stem}{tag}_maps.npz")
     maps = dict(np.load(cache)) if cache.exists() else {}
     for n in names:
         if n not in maps:
-            r = ns.segment(read_image(data / "images" / f"{n}.png"), a.model, seed=0)
+            r = ns.segment(read_image(data / "images" / f"{n}.png"), a.model, seed=0, **sampling)
             maps[n] = r.probability
             if r.interior is not None:
                 maps[f"{n}/interior"] = r.interior
@@ -89,7 +93,7 @@ def main() -> None:
                 )
     if a.agreement:
         out += agreement_rows(a.model, data, [n for n in names if n in val], gts, a.agreement)
-    (ROOT / f"bench_out/instance_methods_{Path(a.model).stem}.json").write_text(json.dumps(out, indent=1))
+    (ROOT / f"bench_out/instance_methods_{Path(a.model).stem}{tag}.json").write_text(json.dumps(out, indent=1))
 
 
 def agreement_rows(model, data: Path, names, gts, n_runs: int) -> list[dict]:

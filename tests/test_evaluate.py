@@ -12,7 +12,7 @@ from skimage.io import imread, imsave
 from napari_segdiff import segment
 from napari_segdiff.models import load_model, save_model
 from napari_segdiff.training.cli import main
-from napari_segdiff.training.metrics import all_metrics
+from napari_segdiff.training.metrics import all_metrics, error_auroc
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ def test_eval_cli_scores_each_named_image_as_segment_does(folder_and_model, caps
         r = segment(img, mdl, samples=2, steps=2, seed=0, precision="fp32")
         ref = all_metrics(r.probability, mask)
         assert row["dice"] == pytest.approx(ref["dice"]) and row["iou"] == pytest.approx(ref["iou"])
+        assert row["error_auroc"] == pytest.approx(error_auroc(r.variance, r.mask, mask), nan_ok=True)
     assert "mean (2 images)" in capsys.readouterr().out
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_segdiff.training.metrics import all_metrics, boundary_f, calibration_score, dice, ece, iou, wcov
+from napari_segdiff.training.metrics import (
+    all_metrics,
+    boundary_f,
+    calibration_score,
+    dice,
+    ece,
+    error_auroc,
+    iou,
+    wcov,
+)
 
 
 def _m(rows):
@@ -121,3 +130,25 @@ def test_all_metrics_thresholds_probabilities():
     assert m["dice"] == 1.0 and m["iou"] == 1.0 and m["wcov"] == 1.0 and m["boundf"] == 1.0
     assert m["ece"] == pytest.approx(16 / 100 * 0.3 + 84 / 100 * 0.2)
     assert all_metrics(prob, gt, threshold=0.8)["dice"] == 0.0
+
+
+def test_error_auroc_by_hand():
+    pred = np.array([1, 0, 0, 1])
+    gt = np.array([1, 1, 0, 0])  # wrong at 1 and 3
+    var = np.array([0.1, 0.3, 0.2, 0.2])
+    # wrong 0.3 beats right 0.1 and 0.2; wrong 0.2 beats right 0.1 and ties right 0.2: 3.5 of 4 pairs
+    assert error_auroc(var, pred, gt) == pytest.approx(0.875)
+    assert error_auroc(-var, pred, gt) == pytest.approx(0.125)
+
+
+def test_error_auroc_perfect_blind_and_undefined():
+    rng = np.random.default_rng(0)
+    gt = rng.random((16, 16)) > 0.5
+    pred = gt.copy()
+    pred[:4] = ~pred[:4]  # the top rows wrong
+    var = np.zeros((16, 16))
+    var[:4] = 0.2
+    assert error_auroc(var, pred, gt) == 1.0  # the variance marks exactly the wrong pixels
+    assert error_auroc(np.full((16, 16), 0.1), pred, gt) == 0.5  # a flat map tells nothing
+    assert np.isnan(error_auroc(var, gt, gt))  # no wrong pixel: undefined
+    assert np.isnan(error_auroc(var, ~gt, gt))  # every pixel wrong: undefined

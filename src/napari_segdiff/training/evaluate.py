@@ -12,10 +12,18 @@ from ..engine import segment
 from ..io import atomic_write_bytes
 from ..models import load_model
 from .datasets import load_dataset, split_samples
-from .metrics import all_metrics, instance_metrics
+from .metrics import all_metrics, error_auroc, instance_metrics
 
-METRICS = ("dice", "iou", "wcov", "boundf", "calibration", "ece")
+METRICS = ("dice", "iou", "wcov", "boundf", "calibration", "ece", "error_auroc")
 OBJECT_METRICS = ("aji", "pq", "dq", "sq", "f1_50", "count_error")
+
+
+def _mean(values) -> float:
+    """Mean over the images where the metric is defined (error_auroc is NaN on an image without one wrong
+    pixel); NaN where it is defined on none."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else float("nan")
 
 
 def evaluate_items(
@@ -49,6 +57,7 @@ def evaluate_items(
         has_instances = getattr(s, "instances", None) is not None
         r = segment(s.image, mdl, instances=has_instances, **kw)
         m = all_metrics(r.probability, s.mask, threshold=r.info["threshold"])  # the mask users get
+        m["error_auroc"] = error_auroc(r.variance, r.mask, s.mask)  # does the variance point at its errors?
         if has_instances:  # object metrics against the instance map, by the model's instance method
             m.update(instance_metrics(s.instances, np.asarray(r.labels)))
         m["seconds"] = r.info["seconds"]
@@ -73,7 +82,7 @@ def evaluate_items(
         }
         if verbose:
             print(f"{s.name:40s} " + " ".join(f"{k} {m[k]:.4f}" for k in METRICS + OBJECT_METRICS if k in m))
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS + ("seconds",)}
+    mean = {k: _mean([r[k] for r in rows]) for k in METRICS + ("seconds",)}
     with_objects = [r for r in rows if "aji" in r]
     if with_objects:  # over the images that have instance maps
         mean.update({k: float(np.mean([r[k] for r in with_objects])) for k in OBJECT_METRICS})

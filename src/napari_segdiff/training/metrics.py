@@ -1,7 +1,8 @@
 """Segmentation metrics of the paper's protocols, per image (then averaged over images).
 
 Dice/F1 and IoU (MoNuSeg, Vaihingen), WCov and BoundF (Vaihingen, as in DARNet), the paper's
-calibration score and the expected calibration error. Empty-vs-empty counts as a perfect score.
+calibration score and the expected calibration error; how well the variance map points at the mask's
+errors (``error_auroc``). Empty-vs-empty counts as a perfect score.
 """
 
 from __future__ import annotations
@@ -88,6 +89,22 @@ def ece(prob: np.ndarray, gt: np.ndarray, n_bins: int = 10) -> float:
     count, conf, pos = _bins(prob, gt, n_bins)
     nz = count > 0
     return float(np.sum(count[nz] / count.sum() * np.abs(conf[nz] / count[nz] - pos[nz] / count[nz])))
+
+
+def error_auroc(variance: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> float:
+    """Per-pixel AUROC of the variance as a detector of "the mask is wrong here" (pred != gt): the chance that
+    a wrong pixel has a higher variance than a right one, ties counting half (Mann-Whitney U / n_pos n_neg).
+    NaN where every pixel is right or every pixel is wrong (undefined)."""
+    from scipy.stats import rankdata
+
+    wrong = (np.asarray(pred) > 0) != (np.asarray(gt) > 0)
+    n_pos = int(wrong.sum())
+    n_neg = wrong.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(variance, dtype=np.float64).ravel())  # average ranks for ties
+    u = ranks[wrong.ravel()].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
 
 
 def all_metrics(prob: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
