@@ -34,7 +34,9 @@ def tiles(data: Path) -> dict[str, dict]:
         return {r["file"].rsplit(".", 1)[0]: r for r in csv.DictReader(f)}
 
 
-def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, use_pixel_size=True, tta=None):
+def evaluate(
+    model, names, data: Path = DATA, samples=None, steps=None, seed=0, use_pixel_size=True, tta=None, threshold=None
+):
     meta = tiles(data)
     rows = []
     for n in names:
@@ -43,7 +45,8 @@ def evaluate(model, names, data: Path = DATA, samples=None, steps=None, seed=0, 
         inst = read_image(data / "instances" / f"{n}.png").astype(np.int64)
         kw = {"pixel_size": float(meta[n]["gsd_m"])} if use_pixel_size else {}
         # None: the model's recommended sampling (steps=None would mean all T diffusion steps)
-        kw.update({k: v for k, v in (("samples", samples), ("steps", steps), ("tta", tta)) if v is not None})
+        opts = (("samples", samples), ("steps", steps), ("tta", tta), ("threshold", threshold))
+        kw.update({k: v for k, v in opts if v is not None})
         r = ns.segment(img, model, seed=seed, instances=True, **kw)
         m = np.asarray(r.mask)
         prob = np.asarray(r.probability)
@@ -97,6 +100,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="test-time augmentation")
+    ap.add_argument("--threshold", type=float, help="mask threshold (default: the model's); the sweep ignores it")
     ap.add_argument("--no-pixel-size", action="store_true", help="run every tile as if at the model's pixel size")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -106,7 +110,9 @@ def main() -> None:
     else:
         names = [n for n, r in tiles(data).items() if r["place"] == a.place]
     t0 = time.time()
-    rows = evaluate(a.model, names, data, a.samples, a.steps, use_pixel_size=not a.no_pixel_size, tta=a.tta)
+    rows = evaluate(
+        a.model, names, data, a.samples, a.steps, use_pixel_size=not a.no_pixel_size, tta=a.tta, threshold=a.threshold
+    )
     s = summary(rows)
     for place, v in s.items():
         print(

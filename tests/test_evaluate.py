@@ -147,3 +147,18 @@ def test_eval_scores_the_mask_at_the_models_recommended_threshold(folder_and_mod
     r = segment(img, load_model(path), samples=2, steps=2, seed=0, precision="fp32")
     assert report["images"][0]["dice"] == pytest.approx(all_metrics(r.probability, mask, threshold=0.2)["dice"])
     assert (r.probability > 0.2).sum() != (r.probability > 0.5).sum()  # the two thresholds give other masks
+
+
+def test_eval_cli_threshold_sets_the_mask_it_scores(folder_and_model, tmp_path):
+    root, path = folder_and_model
+    out = tmp_path / "t.json"
+    args = ["eval", "--model", str(path), "--data", str(root / "data"), "--names", "img1", "--samples", "2"]
+    assert main([*args, "--steps", "2", "--precision", "fp32", "--threshold", "0.3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["threshold"] == 0.3
+    img = imread(root / "data" / "images" / "img1.png")
+    mask = imread(root / "data" / "masks" / "img1.png") > 0
+    r = segment(img, load_model(path), samples=2, steps=2, seed=0, precision="fp32", threshold=0.3)
+    row = report["images"][0]
+    assert row["dice"] == pytest.approx(all_metrics(r.probability, mask, threshold=0.3)["dice"])
+    assert row["error_auroc"] == pytest.approx(error_auroc(r.variance, r.probability > 0.3, mask), nan_ok=True)

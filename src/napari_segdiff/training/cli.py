@@ -231,6 +231,7 @@ def cmd_eval(args) -> int:
         precision=args.precision,
         runtime=args.runtime,
         tta=args.tta,
+        threshold=args.threshold,
     )
     return 0
 
@@ -353,7 +354,7 @@ def add_eval_parser(sub) -> None:
     v = sub.add_parser(
         "eval",
         help="score a model on a folder of images and masks (Dice, IoU, WCov, BoundF, "
-        "calibration, and AJI/PQ/F1 where instance maps exist), per image and the mean",
+        "calibration, error AUROC of the variance, and AJI/PQ/F1 where instance maps exist), per image and the mean",
     )
     v.add_argument("--model", default=None, help="shipped model name or model file (default: the default model)")
     v.add_argument("--data", required=True)
@@ -369,6 +370,7 @@ def add_eval_parser(sub) -> None:
         default=None,
         help="test-time augmentation on/off (default: the model's recommendation)",
     )
+    v.add_argument("--threshold", type=float, default=None, help="mask threshold (default: the model's recommendation)")
     v.add_argument("--device", default="auto")
     v.add_argument(
         "--precision",

@@ -39,6 +39,7 @@ def evaluate_items(
     runtime="auto",
     verbose=True,
     tta=None,
+    threshold=None,
 ) -> dict:
     mdl = load_model(model, device="cpu") if not hasattr(model, "net") else model
     rows = []
@@ -54,6 +55,8 @@ def evaluate_items(
             kw["overlap"] = overlap
         if tta is not None:
             kw["tta"] = tta
+        if threshold is not None:
+            kw["threshold"] = threshold
         has_instances = getattr(s, "instances", None) is not None
         r = segment(s.image, mdl, instances=has_instances, **kw)
         m = all_metrics(r.probability, s.mask, threshold=r.info["threshold"])  # the mask users get
@@ -109,6 +112,7 @@ def evaluate_folder(
     precision="auto",
     tta=None,
     runtime="auto",
+    threshold=None,
 ) -> dict:
     data_samples = load_dataset(data, fmt)
     if names:
@@ -124,6 +128,7 @@ def evaluate_folder(
         precision=precision,
         runtime=runtime,
         tta=tta,
+        threshold=threshold,
     )
     report["data"] = str(data)
     if out_json:
