@@ -98,6 +98,24 @@ def test_registry_entry_is_checksum_verified(tmp_path, monkeypatch):
         load_model("bad")
 
 
+def test_a_copy_of_a_shipped_file_gets_its_registry_facts(tmp_path, monkeypatch):
+    """Loaded by path, a file whose sha256 is a registry entry's gets that entry's measured facts (pixel size,
+    sampling, instance split), so it segments as it does by name; another file keeps its own metadata."""
+    shipped = tmp_path / "shipped.pt"
+    sha = save_model(tiny_model(), shipped, meta={"sampling": {"steps": 2}})
+    other = tmp_path / "other.pt"
+    save_model(tiny_model(), other, meta={"sampling": {"steps": 2}}, half=False)
+    facts = {"pixel_size": 0.5, "pixel_unit": "m", "sampling": {"samples": 3, "steps": 1}}
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(models, "_registry", lambda: {"m": {"file": "shipped.pt", "sha256": sha, "meta": facts}})
+    copy = tmp_path / "elsewhere" / "copy.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(shipped.read_bytes())
+    by_path = load_model(str(copy))
+    assert {k: by_path.meta[k] for k in facts} == facts == {k: load_model("m").meta[k] for k in facts}
+    assert load_model(str(other)).meta["sampling"] == {"steps": 2} and "pixel_size" not in load_model(str(other)).meta
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned-by-segdiff-test",))

@@ -312,7 +312,11 @@ def load_model(
             user_models_dir() / user[key]["file"], expected_sha256=user[key].get("sha256"), name=key, device=device
         )
     if Path(key).suffix or os.sep in key or Path(key).exists():
-        return load_model_file(key, device=device)
+        mdl = load_model_file(key, device=device)
+        for entry in reg.values():  # a copy of a shipped file: the same measured facts as by its name
+            if entry.get("sha256") == mdl.sha256:
+                mdl.meta.update(entry.get("meta", {}))
+        return mdl
     raise ModelFileError(
         f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}"
         + (f", user models: {sorted(user)}" if user else "")

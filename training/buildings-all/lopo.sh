@@ -51,5 +51,5 @@ PYEOF
 "$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "${AMP:-auto}" --threads 2 --max-steps "$STEPS" \
     --lr-decay-start $((STEPS * 2 / 3)) --lr-min 1e-5 --val-every $((STEPS / 3)) > "$RUN/train.log" 2>&1
 "$PY" -m napari_segdiff.training.cli export "$RUN/train" --name "lopo-${PLACE,,}" -o "$RUN/model.pt" \
-    --samples 3 --steps 2 --pixel-size 0.1485 --pixel-unit m --instances hmaxima,h=6,min_area=90 --overwrite
+    --samples 3 --steps 1 --threshold 0.2 --pixel-size 0.1485 --pixel-unit m --instances hmaxima,h=6,min_area=90 --overwrite
 "$PY" benchmarks/buildings_eval.py --model "$RUN/model.pt" --place "$PLACE" --json "$RUN/eval.json"
