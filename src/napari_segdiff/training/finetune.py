@@ -32,11 +32,12 @@ VAL_EVERY = 25
 RECIPE_KEYS = ("lr", "batch_size", "crop", "augment", "ema_decay", "freeze_encoder", "focus_steps", "amp")
 #: what a fine-tuned model file carries over from its base model's metadata
 CARRIED_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment")
-#: the default share of the fine-tuned weights in the written model: in 10-minute fine-tunes of three
-#: measured cases (a leave-breast-out nuclei model on variance- and randomly-chosen breast quarters, buildings-all
-#: on 4 Nairobi tiles) 0.75 scored Dice +0.014 / +0.022 and IoU -0.007 against the unblended weights on the
-#: target, and better everywhere else (model cards)
-DEFAULT_BLEND = 0.75
+#: the default share of the fine-tuned weights in the written model. Against the unblended weights, 0.75 scored
+#: on the adapted organ/place Dice +0.014 / +0.022 and IoU -0.007 in three 10-minute float32 fine-tunes of about
+#: 120-140 steps (AVX2 CPU), and IoU +0.027, -0.114 and -0.030 in three of 414-457 steps (native bf16:
+#: leave-one-place-out buildings models on Kampala and the Philippines), better elsewhere in every case
+#: measured (model cards). A fine-tune is for the user's own images, so the default keeps the fine-tuned weights.
+DEFAULT_BLEND = 1.0
 #: what ``blend`` means, for the CLI's help and the widget's tooltip
 BLEND_HELP = (
     f"share of the fine-tuned weights in the written model, the rest the base model's (default {DEFAULT_BLEND}; "
