@@ -289,6 +289,16 @@ def _from_payload(payload, path, digest: str | None, name: str | None, device) -
     return SegDiffModel(net, Diffusion.from_config(cfg), name or meta.get("name") or Path(path).stem, digest, meta)
 
 
+def _with_registry_facts(mdl: SegDiffModel, reg: dict, name: str | None = None) -> SegDiffModel:
+    """Facts measured after a file was made (native pixel size, sampling, instance split) live in the registry,
+    so the checksummed weights file stays as it was shipped; they apply to the file by its name and to any copy
+    of it (the same sha256) loaded by path."""
+    for key, entry in reg.items():
+        if key == name or (entry.get("sha256") and entry["sha256"] == mdl.sha256):
+            mdl.meta.update(entry.get("meta", {}))
+    return mdl
+
+
 def load_model(
     model: str | os.PathLike | SegDiffModel | None = None, device: str | torch.device = "cpu"
 ) -> SegDiffModel:
@@ -302,21 +312,14 @@ def load_model(
     if key in reg:
         entry = reg[key]
         mdl = load_model_file(WEIGHTS_DIR / entry["file"], expected_sha256=entry.get("sha256"), name=key, device=device)
-        # facts measured after a file was made (native pixel size, instance method) live in the registry,
-        # so the checksummed weights file stays as it was shipped
-        mdl.meta.update(entry.get("meta", {}))
-        return mdl
+        return _with_registry_facts(mdl, reg, key)
     user = _user_registry()
     if key in user:
         return load_model_file(
             user_models_dir() / user[key]["file"], expected_sha256=user[key].get("sha256"), name=key, device=device
         )
     if Path(key).suffix or os.sep in key or Path(key).exists():
-        mdl = load_model_file(key, device=device)
-        for entry in reg.values():  # a copy of a shipped file: the same measured facts as by its name
-            if entry.get("sha256") == mdl.sha256:
-                mdl.meta.update(entry.get("meta", {}))
-        return mdl
+        return _with_registry_facts(load_model_file(key, device=device), reg)
     raise ModelFileError(
         f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}"
         + (f", user models: {sorted(user)}" if user else "")

@@ -45,18 +45,13 @@ def evaluate_items(
     rows = []
     settings = None
     t0 = time.perf_counter()
+    # None (DEFAULT for steps, where None means all T steps): the model's recommendation
+    given = {"samples": samples, "overlap": overlap, "tta": tta, "threshold": threshold}
+    kw = {"seed": seed, "device": device, "precision": precision, "runtime": runtime}
+    kw.update({k: v for k, v in given.items() if v is not None})
+    if steps is not DEFAULT:
+        kw["steps"] = steps
     for s in items:
-        kw = {"seed": seed, "device": device, "precision": precision, "runtime": runtime}
-        if samples is not None:
-            kw["samples"] = samples
-        if steps is not DEFAULT:
-            kw["steps"] = steps
-        if overlap is not None:
-            kw["overlap"] = overlap
-        if tta is not None:
-            kw["tta"] = tta
-        if threshold is not None:
-            kw["threshold"] = threshold
         has_instances = getattr(s, "instances", None) is not None
         r = segment(s.image, mdl, instances=has_instances, **kw)
         m = all_metrics(r.probability, s.mask, threshold=r.info["threshold"])  # the mask users get
