@@ -74,13 +74,14 @@ def main() -> None:
     ]
     if all(v is not None for v in interiors.values()):  # a 2-channel model: seeds from its interior channel
         methods += [("interior", {"seed_threshold": t}) for t in (0.3, 0.4, 0.5, 0.6, 0.7)]
+        methods += [("interior_peaks", {"h": h, "seed_threshold": 0.3}) for h in (0.07, 0.1, 0.15, 0.2, 0.25)]
     out = []
     for method, kw in methods:
         for min_area in (0, 10, 20):
             for part, keep in (("validation", lambda n: n in val), ("train (in-sample)", lambda n: n not in val)):
                 rows = []
                 for n in filter(keep, names):
-                    extra = {"interior": interiors[n]} if method == "interior" else {}
+                    extra = {"interior": interiors[n]} if method.startswith("interior") else {}
                     pred = label_instances(probs[n] > 0.5, probs[n], method=method, min_area=min_area, **kw, **extra)
                     rows.append({**instance_metrics(gts[n], pred), "dice": dice(probs[n] > 0.5, gts[n] > 0)})
                 mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}

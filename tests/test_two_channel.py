@@ -77,6 +77,27 @@ def test_interior_split_seeds_one_object_per_core():
         label_instances(mask, method="interior", interior=interior[:10])
 
 
+def test_interior_peaks_split_a_soft_interior_that_one_threshold_cannot():
+    labels = _touching_discs()
+    mask = labels > 0
+    # a soft interior, as one sampling step gives (a posterior mean): a peak at each centre, and the blob
+    # between them stays above every threshold the plain method could use without losing the objects
+    from scipy import ndimage as ndi
+
+    peaks = ndi.distance_transform_edt(labels == 1) + ndi.distance_transform_edt(labels == 2)
+    soft = (0.6 + 0.4 * peaks / peaks.max()).astype(np.float32) * mask
+    assert label_instances(mask, method="interior", interior=soft, seed_threshold=0.5).max() == 1
+    lab = label_instances(mask, method="interior_peaks", interior=soft, h=0.1, seed_threshold=0.3)
+    assert lab.max() == 2 and ((lab > 0) == mask).all() and lab[20, 12] != lab[20, 45]
+    # a bump lower than h is not a second object
+    assert label_instances(mask, method="interior_peaks", interior=soft, h=0.5, seed_threshold=0.3).max() == 1
+    # nothing above seed_threshold: no seeds, and the object keeps one label (no pixel is lost)
+    lab = label_instances(mask, method="interior_peaks", interior=soft * 0.2, h=0.01, seed_threshold=0.3)
+    assert lab.max() == 1 and ((lab > 0) == mask).all()
+    with pytest.raises(SegDiffError, match="needs the interior map"):
+        label_instances(mask, method="interior_peaks")
+
+
 def test_widened_network_starts_where_the_one_channel_network_was():
     torch.manual_seed(0)
     one = tiny_model(seed=3).net.eval()

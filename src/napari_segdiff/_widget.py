@@ -137,8 +137,8 @@ class SegDiffWidget(Container):
             text="instances (one label per object)",
             value=False,
             tooltip="Add a Labels layer with one id per object, by the model's instance "
-            "method (nuclei-he: a watershed seeded by the interior channel it generates; buildings-all: h-maxima "
-            "watershed; buildings-aerial: connected components)",
+            "method (nuclei-he: a watershed seeded at the peaks of the interior channel it generates; "
+            "buildings-all: h-maxima watershed; buildings-aerial: connected components)",
         )
         opts = widget_options(SamplingConfig, "tta")
         self.tta = CheckBox(text=opts["label"], value=_SAMPLING.tta, tooltip=opts["tooltip"])

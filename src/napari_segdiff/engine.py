@@ -646,14 +646,17 @@ def _instances(
     st = instance_settings(mdl)
     if interior is not None and "method" not in (mdl.meta.get("instances") or {}):
         st["method"] = "interior"  # a 2-channel model's own seeds, unless its file says otherwise
-    if st["method"] == "interior":
+    if st["method"] in ("interior", "interior_peaks"):
         if interior is None:
             raise SegDiffError(
-                f"model {mdl.name!r} asks for the 'interior' instance split, which needs a 2-channel model "
+                f"model {mdl.name!r} asks for the {st['method']!r} instance split, which needs a 2-channel model "
                 "(network mask_channels 2); set meta['instances'] to another method"
             )
         kw = {"min_area": float(st.get("min_area", 0)) / factor**2, "seed_threshold": st.get("seed_threshold", 0.5)}
-        return label_instances(mask, method="interior", interior=interior, **kw), {"method": "interior", **kw}
+        if st["method"] == "interior_peaks":  # h is in units of the interior map; the smoothing is a length
+            kw.update(h=float(st.get("h", 0.15)), sigma=float(st.get("sigma", 1.0)) / factor)
+        method = st["method"]
+        return label_instances(mask, method=method, interior=interior, **kw), {"method": method, **kw}
     kw: dict[str, Any] = {"method": st["method"], "min_area": float(st.get("min_area", 0)) / factor**2}
     if "min_distance" in st:
         kw["min_distance"] = max(1, int(round(float(st["min_distance"]) / factor)))

@@ -131,7 +131,7 @@ def parse_instances(text: str) -> dict:
     if method not in METHODS:
         raise SegDiffError(f"--instances: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     out: dict = {"method": method}
-    allowed = {"min_area", "min_distance", "h", "seed_threshold"}
+    allowed = {"min_area", "min_distance", "h", "seed_threshold", "sigma"}
     for p in pairs:
         k, sep, v = p.partition("=")
         if not sep or k not in allowed:
