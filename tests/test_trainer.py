@@ -376,3 +376,16 @@ def test_focus_steps_puts_half_the_batch_at_the_samplers_timesteps(tmp_path):
         _cfg(tmp_path / "bad", focus_steps=-1)
     with pytest.raises(SegDiffError, match="focus_steps must be at most"):
         Trainer(_cfg(tmp_path / "bad", val="none", focus_steps=T + 1), samples=_discs(2))
+
+
+def test_recipe_switches_take_true_or_false_and_nothing_else(capsys):
+    from napari_segdiff.training.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--colour-norm", "false"]).colour_norm is False  # not the truthy string "false"
+    assert parse(["train", "--freeze-encoder", "yes"]).freeze_encoder is True
+    with pytest.raises(SystemExit):
+        parse(["train", "--colour-norm", "maybe"])
+    assert "expected true or false" in capsys.readouterr().err
+    with pytest.raises(SegDiffError, match="colour_norm must be true or false"):
+        TrainConfig(colour_norm="false")

@@ -30,15 +30,31 @@ def _parse_value(v: str) -> Any:
         return v
 
 
+def _bool(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0 (argparse's type for the recipe's switches)."""
+    v = text.strip().lower()
+    if v in ("true", "yes", "on", "1"):
+        return True
+    if v in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _add_config_flags(p: argparse.ArgumentParser, skip=("net",)) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
+        if isinstance(f.default, bool):
+            kind = _bool
+        elif isinstance(f.default, (int, float)):
+            kind = type(f.default)
+        else:
+            kind = str
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
             default=None,
-            type=type(f.default) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) else str,
+            type=kind,
             help=f"(default {f.default!r})",
         )
 

@@ -77,8 +77,15 @@ class TrainConfig:
     # 0: timesteps uniform over 1..T (Eq. 18). N > 0: half of each batch at the timesteps an N-step respaced
     # sampler evaluates (for 2 steps t = T and t = 1), the other half uniform
     focus_steps: int = 0
+    # colour normalisation: every training image moved (Reinhard colour transfer in Lab) to the mean colour
+    # statistics of the training images, which the model file then records so that segment() moves every
+    # image there too. A warm start from a model that records them keeps that model's statistics.
+    colour_norm: bool = False
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), (bool, np.bool_)):
+                raise SegDiffError(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
         if self.select_metric not in METRIC_DIRECTION:
             raise SegDiffError(
                 f"select_metric must be one of {', '.join(METRIC_DIRECTION)}, got {self.select_metric!r}"
