@@ -144,6 +144,8 @@ class SegDiffWidget(Container):
         self.tta = CheckBox(text=opts["label"], value=_SAMPLING.tta, tooltip=opts["tooltip"])
         opts = widget_options(TilingConfig, "skip_empty")
         self.skip_empty = CheckBox(text=opts["label"], value=_TILING.skip_empty, tooltip=opts["tooltip"])
+        opts = widget_options(TilingConfig, "colour_match")
+        self.colour_match = CheckBox(text=opts["label"], value=_TILING.colour_match, tooltip=opts["tooltip"])
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
@@ -169,6 +171,7 @@ class SegDiffWidget(Container):
                 self.pixel_size,
                 self.instances,
                 self.skip_empty,
+                self.colour_match,
                 self.run_button,
                 self.cancel_button,
                 self.status,
@@ -270,6 +273,7 @@ class SegDiffWidget(Container):
             overlap=float(self.overlap.value),
             batch_size=int(self.batch_size.value),
             skip_empty=bool(self.skip_empty.value),
+            colour_match=bool(self.colour_match.value),
         )
         cfg = SegmentConfig(
             sampling=sampling,
@@ -279,7 +283,7 @@ class SegDiffWidget(Container):
             runtime=str(self.runtime.value),
         )
         kw = {k: getattr(sampling, k) for k in ("samples", "steps", "sampler", "eta", "tta", "seed", "threshold")}
-        kw.update({k: getattr(tiling, k) for k in ("tile", "overlap", "batch_size", "skip_empty")})
+        kw.update({k: getattr(tiling, k) for k in ("tile", "overlap", "batch_size", "skip_empty", "colour_match")})
         return dict(kw, device=cfg.device, precision=cfg.precision, runtime=cfg.runtime)
 
     def pixel_size_for(self, layer, model: SegDiffModel | None) -> tuple[float | None, str]:

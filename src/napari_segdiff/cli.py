@@ -70,6 +70,7 @@ def _cmd_segment(args) -> int:
             "eta",
             "tta",
             "skip_empty",
+            "colour_match",
         )
         if getattr(args, k) is not None
     }

@@ -356,6 +356,12 @@ class TilingConfig:
         "probability 0 without sampling",
         label="skip empty tiles",
     )
+    colour_match: bool = param(
+        True,
+        "match colours: move the image's colours towards the model's training images (a Lab colour transfer), "
+        "for a model that records them (buildings-all: half way, measured better on places it never saw)",
+        label="match colours",
+    )
 
     def __post_init__(self) -> None:
         _check_table(self)

@@ -39,7 +39,7 @@ from .config import (
 from .models import SegDiffModel, load_model
 from .pixelsize import model_pixel_size, scale_factor
 from .tiling import StreamingBlender, Window, iter_windows, taper_weights, window_grid
-from .transforms import alpha_of, as_hwc, empty_tile, intensity_range, to_chw
+from .transforms import alpha_of, as_hwc, colour_transfer, empty_tile, image_lab_stats, intensity_range, to_chw
 
 
 @dataclass(frozen=True)
@@ -435,6 +435,7 @@ def iter_segment(
     pixel_unit: str | None = None,
     instances: bool = False,
     skip_empty: bool | None = None,
+    colour_match: bool | None = None,
     overwrite: bool = False,
 ) -> Iterator[Progress | SegmentationResult]:
     """Segment a 2-D grey or RGB(A) image (numpy, dask or zarr), yielding :class:`Progress` per tile
@@ -455,6 +456,10 @@ def iter_segment(
     them: fully transparent tiles of an RGBA image, uniform tiles (nodata fill) and, for a model whose file
     declares a bright background (``meta['background'] == 'bright'``: bright-field slides), tiles without
     tissue. ``info['skipped_tiles']`` counts them and ``info['skipped']`` gives the reasons.
+
+    ``colour_match`` (default on) moves the image's colours towards the model's training images (a Reinhard
+    colour transfer in Lab, from the image's own statistics) where the model records them
+    (``meta['colour_norm']``, ``meta['colour_strength']``); ``info['colour_norm']`` says what was used.
 
     ``out`` (a path or a zarr group) streams the outputs into a zarr store instead of memory. A path is
     refused when it is, holds or lies inside a store the image is read from, and when it already exists
@@ -485,7 +490,9 @@ def iter_segment(
         )
     t_over = {
         k: v
-        for k, v in dict(tile=tile, overlap=overlap, batch_size=batch_size, skip_empty=skip_empty).items()
+        for k, v in dict(
+            tile=tile, overlap=overlap, batch_size=batch_size, skip_empty=skip_empty, colour_match=colour_match
+        ).items()
         if v is not None
     }
     tiling = dataclasses.replace(cfg.tiling, **t_over)
@@ -572,6 +579,23 @@ def iter_segment(
             scale_factor=round(factor, 6),
         )
     items = ((win, scale.apply(block)) for win, block in iter_windows(arr, windows, tiling.tile))
+    # a model that records its training images' colour statistics (meta['colour_norm'], Lab mean and spread)
+    # gets every image moved towards them, all the way (trained so) or meta['colour_strength'] of it
+    target = mdl.meta.get("colour_norm") if tiling.colour_match else None
+    if target is not None and arr.shape[-1] == 3:
+        source = image_lab_stats(arr, scale, alpha_of(image))
+        strength = float(mdl.meta.get("colour_strength", 1.0))
+        info["colour_norm"] = {
+            "image_lab": source.round(2).tolist(),
+            "model_lab": np.round(target, 2).tolist(),
+            "strength": strength,
+        }
+
+        def normalised(its):
+            for win, block in its:
+                yield win, colour_transfer((block + 1.0) * 0.5, source, target, strength) * 2.0 - 1.0
+
+        items = normalised(items)
     skipped: Counter = Counter()
     if client is not None:
         from ._distributed import distributed_tiles

@@ -114,6 +114,49 @@ def intensity_range(arr: da.Array) -> Intensity:
     return Intensity(lo, hi if hi > lo else lo + 1.0)
 
 
+# ------------------------------------------------------------------------------------------ colour normalisation
+#: at most this many pixels are read to measure an image's colour statistics (a strided subsample)
+COLOUR_STATS_PIXELS = 1 << 20
+
+
+def lab_stats(rgb01: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """(2, 3) array: per-channel mean and standard deviation of an RGB image in [0, 1] in CIE Lab, over its
+    ``valid`` pixels (default all)."""
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(np.clip(np.asarray(rgb01, np.float64), 0.0, 1.0)).reshape(-1, 3)
+    if valid is not None:
+        lab = lab[np.asarray(valid, bool).reshape(-1)]
+    if not len(lab):
+        raise SegDiffError("no valid pixels to measure the image's colours (is every pixel transparent?)")
+    return np.stack([lab.mean(0), np.maximum(lab.std(0), 1e-3)])
+
+
+def colour_transfer(rgb01: np.ndarray, source: np.ndarray, target: np.ndarray, strength: float = 1.0) -> np.ndarray:
+    """Reinhard et al. (2001) colour transfer: each Lab channel of an RGB image in [0, 1] shifted and scaled from
+    the ``source`` statistics (its image's :func:`lab_stats`) to the ``target`` ones; ``strength`` < 1 goes that
+    share of the way (in Lab). A per-pixel map, so tiles of one image transformed apart agree where they
+    overlap. Returns RGB in [0, 1] (float32)."""
+    from skimage.color import lab2rgb, rgb2lab
+
+    src, tgt = np.asarray(source, np.float64), np.asarray(target, np.float64)
+    lab = rgb2lab(np.clip(np.asarray(rgb01, np.float64), 0.0, 1.0))
+    moved = (lab - src[0]) / src[1] * tgt[1] + tgt[0]
+    if strength != 1.0:
+        moved = strength * moved + (1.0 - strength) * lab
+    return np.clip(lab2rgb(moved), 0.0, 1.0).astype(np.float32)
+
+
+def image_lab_stats(arr: da.Array, scale: Intensity, alpha: da.Array | None = None) -> np.ndarray:
+    """:func:`lab_stats` of a (lazy) RGB image scaled by ``scale``, read on a strided grid of at most
+    :data:`COLOUR_STATS_PIXELS` pixels; transparent pixels (alpha 0) are left out."""
+    h, w = int(arr.shape[0]), int(arr.shape[1])
+    step = max(1, int(np.ceil(np.sqrt(h * w / COLOUR_STATS_PIXELS))))
+    sub = (scale.apply(np.asarray(arr[::step, ::step])) + 1.0) * 0.5
+    valid = None if alpha is None else np.asarray(alpha[::step, ::step]) > 0
+    return lab_stats(sub, valid)
+
+
 def to_chw(block: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(block, -1, 0))
 

@@ -4,6 +4,8 @@
 #   bash training/buildings-all/lopo.sh PLACE STEPS        e.g.  bash training/buildings-all/lopo.sh Kampala 1500
 #   INIT=none bash training/buildings-all/lopo.sh Zanzibar 3000     (the same network, random weights)
 #   AUGMENT="aerial-shift,jpeg=0" TAG=nojpeg bash training/buildings-all/lopo.sh Kampala 1200   (an ablation)
+#   COLOUR_NORM=1 TAG=cnorm bash training/buildings-all/lopo.sh Kampala 1200   (train and segment on images
+#       moved to the training images' mean Lab statistics: TrainConfig.colour_norm)
 #
 # Checkpoint selection uses the in-place validation tiles (val.txt) of the other places, never the held-out
 # place. The recipe starts from buildings-aerial, which was trained on Zanzibar and Nairobi crops, so only
@@ -20,7 +22,7 @@ TAG=${TAG:-${INIT}}
 RUN=runs/lopo-${PLACE,,}${TAG:+-$TAG}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$RUN/data/images" "$RUN/data/masks"
-"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" "$AUGMENT" <<'PYEOF'
+"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" "$AUGMENT" "${COLOUR_NORM:-}" <<'PYEOF'
 import csv, json, os, sys
 from pathlib import Path
 place, data, run = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3])
@@ -45,6 +47,8 @@ elif sys.argv[4]:
     recipe["init"] = sys.argv[4]
 if sys.argv[5]:
     recipe["augment"] = sys.argv[5]
+if sys.argv[6] not in ("", "0"):
+    recipe["colour_norm"] = True
 (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 print(f"{place}: {len(keep)} tiles of the other places ({len(val)} of them validation)")
 PYEOF

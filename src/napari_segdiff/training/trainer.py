@@ -26,6 +26,7 @@ from ..engine import resolve_device, resolve_precision, segment, warn_if_bf16_em
 from ..io import atomic_write_bytes
 from ..models import SegDiffModel, save_model
 from ..network import SegDiffNet, count_parameters
+from ..transforms import colour_transfer, lab_stats
 from .augment import augment_pair, get_augment
 from .datasets import Sample, load_dataset, split_samples
 from .metrics import all_metrics
@@ -175,6 +176,29 @@ MASK_BIT, INTERIOR_BIT, KNOWN_BIT = 1, 2, 4
 INTERIOR_WIDTH = 2  # px (at the network's scale) peeled off each object for the interior channel
 
 
+def colour_norm_target(cfg: TrainConfig, train_set: list[Sample]) -> tuple[list[list[float]] | None, float]:
+    """The Lab statistics a run moves its images to, and how far: a warm start's own (its file's
+    ``colour_norm`` and ``colour_strength``, as ``segment()`` applies them), else with ``cfg.colour_norm`` the
+    mean over the training images of each image's :func:`lab_stats`, all the way; else (None, 1)."""
+    if cfg.init:
+        from ..models import load_model
+
+        meta = load_model(cfg.init).meta
+        if meta.get("colour_norm") is not None:
+            return np.asarray(meta["colour_norm"], np.float64).tolist(), float(meta.get("colour_strength", 1.0))
+    if not cfg.colour_norm:
+        return None, 1.0
+    stats = np.mean([lab_stats(s.image / 255.0) for s in train_set], axis=0)
+    return np.round(stats, 4).tolist(), 1.0
+
+
+def normalise_colours(s: Sample, target, strength: float = 1.0) -> Sample:
+    """The sample with its image moved (``strength`` of the way) to the ``target`` Lab statistics (uint8 kept)."""
+    rgb = s.image / 255.0
+    out = colour_transfer(rgb, lab_stats(rgb), np.asarray(target), strength)
+    return dataclasses.replace(s, image=(out * 255.0 + 0.5).astype(np.uint8))
+
+
 def pack_targets(s: Sample, scale: float = 1.0) -> np.ndarray:
     """uint8 map of a sample's targets for a 2-channel model, at ``scale``: the mask, the interior of its
     objects (from the instance map; where there is none, the mask eroded as a stand-in that is fed to the
@@ -259,6 +283,9 @@ class Trainer:
                 "a 2-channel model (net mask_channels 2) learns object interiors from instance maps, and no "
                 f"training image has one: put them in {cfg.data}/instances/ (one id per object, 0 = background)"
             )
+        self.colour_norm, self.colour_strength = colour_norm_target(cfg, self.train_set)
+        if self.colour_norm is not None:
+            self.train_set = [normalise_colours(s, self.colour_norm, self.colour_strength) for s in self.train_set]
         self.train_set = [rescale_sample(s, scale) for s in self.train_set]
         self.aug = get_augment(cfg.augment)
         torch.manual_seed(cfg.seed)
@@ -303,7 +330,14 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "config": self.cfg.to_dict(),
             "net_config": self.net_cfg.to_dict(),
+            **(self._colour_meta()),
         }
+
+    def _colour_meta(self) -> dict[str, Any]:
+        """What a model trained by this run records of its colour normalisation (nothing without one)."""
+        if self.colour_norm is None:
+            return {}
+        return {"colour_norm": self.colour_norm, "colour_strength": self.colour_strength}
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.net.load_state_dict(st["model"])
@@ -422,7 +456,7 @@ class Trainer:
         c = self.cfg
         if not self.val_set:
             return {}
-        model = SegDiffModel(net or self.ema, self.diffusion, name="validation")
+        model = SegDiffModel(net or self.ema, self.diffusion, name="validation", meta=self._colour_meta())
         rows = []
         for s in self.val_set:
             r = segment(
@@ -640,6 +674,7 @@ def export(
     half = err < 1e-2
     meta = {
         "name": name,
+        **{k: st[k] for k in ("colour_norm", "colour_strength") if k in st},
         "train_step": int(st["step"]),
         "best_val": float(st["best"]),
         "fp16_max_abs_error": err,
