@@ -41,8 +41,9 @@ def tiles(data: Path) -> dict[str, dict]:
 
 def recolourer(method: str, data: Path, reference: list[str]):
     """img (uint8 RGB) -> img moved towards the ``reference`` tiles' colours (see the module's docstring)."""
-    from skimage.color import lab2rgb, rgb2lab
     from skimage.exposure import match_histograms
+
+    from napari_segdiff.transforms import colour_transfer, lab_stats
 
     kind, _, strength = method.partition(":")
     if kind == "hist":
@@ -51,16 +52,13 @@ def recolourer(method: str, data: Path, reference: list[str]):
     if kind != "reinhard":
         raise SystemExit(f"--recolour: hist, reinhard or reinhard:S, got {method!r}")
     s = float(strength or 1.0)
-    labs = [
-        rgb2lab(read_image(data / "images" / f"{n}.png")[..., :3][::4, ::4] / 255.0).reshape(-1, 3) for n in reference
-    ]
-    mu, sd = np.mean([v.mean(0) for v in labs], 0), np.mean([v.std(0) for v in labs], 0)
+    target = np.mean(
+        [lab_stats(read_image(data / "images" / f"{n}.png")[..., :3][::4, ::4] / 255.0) for n in reference], 0
+    )
 
     def move(img):
-        lab = rgb2lab(img / 255.0)
-        flat = lab.reshape(-1, 3)
-        out = (lab - flat.mean(0)) / flat.std(0) * sd + mu
-        return (np.clip(lab2rgb(s * out + (1 - s) * lab), 0, 1) * 255 + 0.5).astype(np.uint8)
+        rgb = img / 255.0
+        return (colour_transfer(rgb, lab_stats(rgb), target, s) * 255 + 0.5).astype(np.uint8)
 
     return move
 

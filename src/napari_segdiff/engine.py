@@ -665,7 +665,7 @@ def _instances(
     mdl: SegDiffModel, mask: np.ndarray, factor: float, interior: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Labels by the model's method; lengths in its native pixels are converted to this image's."""
-    from .instances import label_instances
+    from .instances import H_INTERIOR, label_instances
 
     st = instance_settings(mdl)
     if interior is not None and "method" not in (mdl.meta.get("instances") or {}):
@@ -678,7 +678,7 @@ def _instances(
             )
         kw = {"min_area": float(st.get("min_area", 0)) / factor**2, "seed_threshold": st.get("seed_threshold", 0.5)}
         if st["method"] == "interior_peaks":  # h is in units of the interior map; the smoothing is a length
-            kw.update(h=float(st.get("h", 0.15)), sigma=float(st.get("sigma", 1.0)) / factor)
+            kw.update(h=float(st.get("h", H_INTERIOR)), sigma=float(st.get("sigma", 1.0)) / factor)
         method = st["method"]
         return label_instances(mask, method=method, interior=interior, **kw), {"method": method, **kw}
     kw: dict[str, Any] = {"method": st["method"], "min_area": float(st.get("min_area", 0)) / factor**2}

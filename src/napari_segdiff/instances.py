@@ -28,6 +28,7 @@ from ._errors import SegDiffError
 METHODS = ("components", "watershed", "hmaxima", "interior", "interior_peaks")
 MIN_DISTANCE = 5  # watershed: smallest distance (px) between two instance centres
 H_MAXIMA = 1.0  # hmaxima: height (px of distance) a seed must rise above the saddle to its neighbour
+H_INTERIOR = 0.15  # interior_peaks: the same height in units of the interior map (measured: nuclei-he card)
 
 
 def _finish(labels: np.ndarray, mask: np.ndarray, components: np.ndarray, min_area: int) -> np.ndarray:
@@ -66,7 +67,7 @@ def label_instances(
     method: str = "components",
     min_area: float = 0,
     min_distance: int = MIN_DISTANCE,
-    h: float = H_MAXIMA,
+    h: float | None = None,
     interior=None,
     seed_threshold: float = 0.5,
     sigma: float = 1.0,
@@ -74,7 +75,8 @@ def label_instances(
     """Instance labels of a binary ``mask`` (``probability`` is accepted for methods that use it; the
     distance methods work on the mask, ``interior`` and ``interior_peaks`` on a 2-channel model's interior
     map). ``min_area`` in pixels: smaller objects are dropped. ``h``: the h-maxima height (``hmaxima``: px of
-    distance; ``interior_peaks``: interior units, e.g. 0.15); ``sigma``: ``interior_peaks``' smoothing (px)."""
+    distance, default :data:`H_MAXIMA`; ``interior_peaks``: interior units, default :data:`H_INTERIOR`);
+    ``sigma``: ``interior_peaks``' smoothing (px)."""
     from scipy import ndimage as ndi
     from skimage.measure import label
 
@@ -103,7 +105,8 @@ def label_instances(
         from skimage.morphology import h_maxima
 
         smooth = ndi.gaussian_filter(interior, float(sigma)) if sigma > 0 else interior
-        markers = label(h_maxima(smooth, float(h)) & (smooth > float(seed_threshold)) & mask).astype(np.int32)
+        height = H_INTERIOR if h is None else float(h)
+        markers = label(h_maxima(smooth, height) & (smooth > float(seed_threshold)) & mask).astype(np.int32)
         labels = watershed(-smooth, markers, mask=mask).astype(np.int32)
         return _finish(labels, mask, components, min_area)
     if method == "interior":
@@ -119,6 +122,6 @@ def label_instances(
         from skimage.morphology import h_maxima
 
         smooth = ndi.gaussian_filter(distance, 1.0)
-        markers = label(h_maxima(smooth, float(h)) & mask).astype(np.int32)
+        markers = label(h_maxima(smooth, H_MAXIMA if h is None else float(h)) & mask).astype(np.int32)
     labels = watershed(-distance, markers, mask=mask).astype(np.int32)
     return _finish(labels, mask, components, min_area)

@@ -176,16 +176,15 @@ MASK_BIT, INTERIOR_BIT, KNOWN_BIT = 1, 2, 4
 INTERIOR_WIDTH = 2  # px (at the network's scale) peeled off each object for the interior channel
 
 
-def colour_norm_target(cfg: TrainConfig, train_set: list[Sample]) -> tuple[list[list[float]] | None, float]:
-    """The Lab statistics a run moves its images to, and how far: a warm start's own (its file's
+def colour_norm_target(
+    cfg: TrainConfig, train_set: list[Sample], init_meta: dict[str, Any] | None = None
+) -> tuple[list[list[float]] | None, float]:
+    """The Lab statistics a run moves its images to, and how far: a warm start's own (``init_meta``, its file's
     ``colour_norm`` and ``colour_strength``, as ``segment()`` applies them), else with ``cfg.colour_norm`` the
     mean over the training images of each image's :func:`lab_stats`, all the way; else (None, 1)."""
-    if cfg.init:
-        from ..models import load_model
-
-        meta = load_model(cfg.init).meta
-        if meta.get("colour_norm") is not None:
-            return np.asarray(meta["colour_norm"], np.float64).tolist(), float(meta.get("colour_strength", 1.0))
+    meta = init_meta or {}
+    if meta.get("colour_norm") is not None:
+        return np.asarray(meta["colour_norm"], np.float64).tolist(), float(meta.get("colour_strength", 1.0))
     if not cfg.colour_norm:
         return None, 1.0
     stats = np.mean([lab_stats(s.image / 255.0) for s in train_set], axis=0)
@@ -228,12 +227,6 @@ def unpack_targets(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x0, w
 
 
-def _init_channels(init: str) -> int:
-    from ..models import load_model
-
-    return load_model(init).config.mask_channels
-
-
 def _save_json(path: Path, obj) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
@@ -268,6 +261,11 @@ class Trainer:
                 f"got {cfg.val_steps}"
             )
         samples = samples if samples is not None else load_dataset(cfg.data, cfg.format)
+        init_model = None
+        if cfg.init:  # the warm start, loaded once: its channels, colour statistics and weights
+            from ..models import load_model
+
+            init_model = load_model(cfg.init)
         self.train_set, self.val_set = split_samples(samples, cfg.val, cfg.seed)
         # the network works at input_scale: train on resized images; validation goes through the
         # engine at full resolution (it resizes per tile), scored against the full-resolution masks
@@ -277,24 +275,25 @@ class Trainer:
         if (
             self.targets is not None
             and not any(s.instances is not None for s in self.train_set)
-            and not (cfg.init and _init_channels(cfg.init) == 2)  # fine-tuning keeps what the model knows
+            and not (init_model is not None and init_model.config.mask_channels == 2)  # fine-tuning keeps it
         ):
             raise SegDiffError(
                 "a 2-channel model (net mask_channels 2) learns object interiors from instance maps, and no "
                 f"training image has one: put them in {cfg.data}/instances/ (one id per object, 0 = background)"
             )
-        self.colour_norm, self.colour_strength = colour_norm_target(cfg, self.train_set)
+        self.colour_norm, self.colour_strength = colour_norm_target(
+            cfg, self.train_set, init_model.meta if init_model is not None else None
+        )
         if self.colour_norm is not None:
             self.train_set = [normalise_colours(s, self.colour_norm, self.colour_strength) for s in self.train_set]
         self.train_set = [rescale_sample(s, scale) for s in self.train_set]
         self.aug = get_augment(cfg.augment)
         torch.manual_seed(cfg.seed)
         self.net = SegDiffNet(self.net_cfg).to(self.device)
-        if cfg.init:
-            from ..models import load_model
+        if init_model is not None:
             from ..network import widen_mask_channels
 
-            st = load_model(cfg.init).net.state_dict()
+            st = init_model.net.state_dict()
             self.net.load_state_dict(widen_mask_channels(st, self.net_cfg.mask_channels))
         self.ema = copy.deepcopy(self.net).eval()
         for p in self.ema.parameters():
