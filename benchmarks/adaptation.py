@@ -72,6 +72,11 @@ def scores(rows) -> dict[str, float]:
         vals = [r[k] for r in rows if k in r]
         if vals:
             out[k] = float(np.mean(vals))
+    if rows and "sweep" in rows[0]:  # buildings: pooled IoU at other mask thresholds, from the same run
+        out["pooled_iou_at"] = {
+            t: round(sum(r["sweep"][t][0] for r in rows) / max(1, sum(r["sweep"][t][1] for r in rows)), 4)
+            for t in rows[0]["sweep"]
+        }
     return out
 
 
@@ -136,8 +141,14 @@ def main() -> None:
     )
     ap.add_argument("--blends", default="1", help="comma-separated shares of the fine-tuned weights to score")
     ap.add_argument("--also", default="", help="comma-separated image (or tile) names every model is scored on too")
+    ap.add_argument(
+        "--recipe",
+        default="{}",
+        help="JSON object of training settings laid over finetune's recipe, e.g. '{\"lr\": 2e-5}' (default: none)",
+    )
     ap.add_argument("--json")
     a = ap.parse_args()
+    recipe = json.loads(a.recipe)
     blends = [float(b) for b in a.blends.split(",")]
     also = [n for n in a.also.split(",") if n]
     tmp_data = None
@@ -236,6 +247,7 @@ def main() -> None:
                 seed=a.seed,
                 on_step=on_step,
                 min_val_images=a.min_val_images,
+                recipe=recipe or None,
                 blend=1,  # the fine-tuned state itself; --blends mixes it with the base afterwards
             )
             print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
@@ -246,7 +258,9 @@ def main() -> None:
                     path = blended(tuned, base_model, blend)
                     s = scores(rows_of(str(path), test))
                     closed = {
-                        k: (s[k] - base[k]) / (ref[k] - base[k]) for k in s if k in ref and abs(ref[k] - base[k]) > 1e-9
+                        k: (s[k] - base[k]) / (ref[k] - base[k])
+                        for k in s
+                        if k in ref and not isinstance(s[k], dict) and abs(ref[k] - base[k]) > 1e-9
                     }
                     elsewhere = scores(also_rows(str(path))) if also else {}
                     row = {
@@ -254,6 +268,7 @@ def main() -> None:
                         "choice": choice,
                         "minutes": m,
                         "steps": steps,
+                        "recipe": recipe,
                         "blend": blend,
                         "train": train,
                         "test": test,

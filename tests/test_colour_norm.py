@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import disc_image, tiny_model, tiny_train_config
+from _helpers import disc_folder, disc_image, tiny_model, tiny_train_config
 
 from napari_segdiff import segment
 from napari_segdiff._errors import SegDiffError
@@ -101,3 +101,36 @@ def test_training_with_colour_norm_records_the_statistics_and_warm_starts_keep_t
     assert np.abs(moved - expected).max() < 1.5 / 255 and warm.colour_strength == 0.5
     # without the switch and without a warm start that records them: nothing changes
     assert Trainer(tiny_train_config(tmp_path / "off", max_steps=1), samples=other).colour_norm is None
+
+
+def test_export_colour_match_records_the_training_images_colours_and_refuses_twice(tmp_path):
+    from napari_segdiff.training.cli import main
+
+    data = tmp_path / "data"
+    disc_folder(data, n=3, size=48)
+    run = tmp_path / "run"
+    tr = Trainer(tiny_train_config(run, data=str(data), val="img2", max_steps=1), samples=None)
+    tr.fit(progress=False)
+    out = tmp_path / "m.pt"
+    assert main(["export", str(run), "--name", "m", "-o", str(out), "--colour-match", "0.5"]) == 0
+    meta = load_model(str(out)).meta
+    from napari_segdiff.io import read_image
+
+    # the two training images' mean statistics; the validation image img2 is left out
+    train = [read_image(data / "images" / f"img{i}.png")[..., :3] / 255.0 for i in (0, 1)]
+    expected = np.mean([lab_stats(im) for im in train], axis=0)
+    np.testing.assert_allclose(np.asarray(meta["colour_norm"]), expected, atol=1e-3)
+    assert meta["colour_strength"] == 0.5
+    with_val = np.mean([lab_stats(read_image(data / "images" / f"img{i}.png")[..., :3] / 255.0) for i in range(3)], 0)
+    assert np.abs(with_val - expected).max() > 1e-2  # the test can tell the two apart
+    # without the switch nothing is recorded; a share outside (0, 1] is refused
+    main(["export", str(run), "--name", "m", "-o", str(tmp_path / "plain.pt")])
+    assert "colour_norm" not in load_model(str(tmp_path / "plain.pt")).meta
+    with pytest.raises(SegDiffError, match="share of the way"):
+        export(run, tmp_path / "bad.pt", "m", colour_match=1.5)
+    # a warm start from the colour-matched model records its colours already: a second match is refused
+    warm = Trainer(tiny_train_config(tmp_path / "warm", data=str(data), init=str(out), max_steps=1), samples=None)
+    warm.fit(progress=False)
+    with pytest.raises(SegDiffError, match="records them already"):
+        export(tmp_path / "warm", tmp_path / "again.pt", "m", colour_match=0.5)
+    assert not (tmp_path / "again.pt").exists() and not (tmp_path / "bad.pt").exists()

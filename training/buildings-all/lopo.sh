@@ -6,6 +6,8 @@
 #   AUGMENT="aerial-shift,jpeg=0" TAG=nojpeg bash training/buildings-all/lopo.sh Kampala 1200   (an ablation)
 #   COLOUR_NORM=1 TAG=cnorm bash training/buildings-all/lopo.sh Kampala 1200   (train and segment on images
 #       moved to the training images' mean Lab statistics: TrainConfig.colour_norm)
+#   COLOUR_MATCH=0 TAG=raw bash training/buildings-all/lopo.sh Kampala 1200   (no colour matching at segment time;
+#       by default the model file records its training tiles' colours and the share 0.5, as buildings-all does)
 #
 # Checkpoint selection uses the in-place validation tiles (val.txt) of the other places, never the held-out
 # place. The recipe starts from buildings-aerial, which was trained on Zanzibar and Nairobi crops, so only
@@ -54,6 +56,11 @@ print(f"{place}: {len(keep)} tiles of the other places ({len(val)} of them valid
 PYEOF
 "$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "${AMP:-auto}" --threads 2 --max-steps "$STEPS" \
     --lr-decay-start $((STEPS * 2 / 3)) --lr-min 1e-5 --val-every $((STEPS / 3)) > "$RUN/train.log" 2>&1
+MATCH=()
+if [[ -z "${COLOUR_NORM:-}" || "${COLOUR_NORM}" == 0 ]] && [[ "${COLOUR_MATCH:-0.5}" != 0 ]]; then
+    MATCH=(--colour-match "${COLOUR_MATCH:-0.5}")
+fi
 "$PY" -m napari_segdiff.training.cli export "$RUN/train" --name "lopo-${PLACE,,}" -o "$RUN/model.pt" \
-    --samples 3 --steps 1 --threshold 0.2 --pixel-size 0.1485 --pixel-unit m --instances hmaxima,h=6,min_area=90 --overwrite
+    --samples 3 --steps 1 --threshold 0.2 --pixel-size 0.1485 --pixel-unit m --instances hmaxima,h=6,min_area=90 \
+    "${MATCH[@]}" --overwrite
 "$PY" benchmarks/buildings_eval.py --model "$RUN/model.pt" --place "$PLACE" --json "$RUN/eval.json"

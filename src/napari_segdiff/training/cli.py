@@ -192,7 +192,15 @@ def cmd_export(args) -> int:
         meta["description"] = args.description
     if args.instances:
         meta["instances"] = parse_instances(args.instances)
-    path, sha, half = export(args.run, out, args.name, checkpoint=args.checkpoint, sampling=sampling, extra_meta=meta)
+    path, sha, half = export(
+        args.run,
+        out,
+        args.name,
+        checkpoint=args.checkpoint,
+        sampling=sampling,
+        extra_meta=meta,
+        colour_match=args.colour_match,
+    )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {'fp16' if half else 'fp32'})\nsha256 {sha}")
     if args.install:
         from ..models import register_model
@@ -329,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="instance method stored in the file, METHOD[,key=value...], e.g. hmaxima,h=0.5,min_area=10 "
         "or interior,seed_threshold=0.5 for a 2-channel model (default: connected components; a 2-channel "
         "model's own interior seeds)",
+    )
+    e.add_argument(
+        "--colour-match",
+        dest="colour_match",
+        type=float,
+        default=None,
+        metavar="S",
+        help="record the training images' mean Lab colour statistics, so segment() moves each image's colours "
+        "this share of the way to them (0-1; buildings-all: 0.5; default: none)",
     )
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.add_argument(

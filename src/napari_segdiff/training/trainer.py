@@ -634,6 +634,26 @@ def blend_states(
     }
 
 
+def training_colour_stats(run_dir: str | Path) -> list[list[float]]:
+    """The mean over a run's training images (``config.json``'s ``train_images``, validation images left out)
+    of each image's :func:`lab_stats`: what ``segment()`` moves a new image towards with colour matching."""
+    cfg_path = Path(run_dir) / "config.json"
+    if not cfg_path.exists():
+        raise SegDiffError(f"{str(run_dir)!r} is not a training run folder (no config.json in it)")
+    cfg = json.loads(cfg_path.read_text())
+    data = Path(cfg.get("data") or "")
+    if not data.exists():
+        raise SegDiffError(
+            f"colour matching needs the run's training images, and {str(data)!r} (its data) is not there; "
+            "run export from the folder the run was trained in"
+        )
+    wanted = set(cfg.get("train_images") or [])
+    images = [s.image for s in load_dataset(data, cfg.get("format", "folder")) if not wanted or s.name in wanted]
+    if not images:
+        raise SegDiffError(f"none of the run's training images is in {str(data)!r}")
+    return np.round(np.mean([lab_stats(im / 255.0) for im in images], axis=0), 4).tolist()
+
+
 def export(
     run_dir: str | Path,
     out: str | Path,
@@ -643,15 +663,30 @@ def export(
     extra_meta: dict[str, Any] | None = None,
     blend: float = 1.0,
     base_state: dict[str, torch.Tensor] | None = None,
+    colour_match: float | None = None,
 ) -> tuple[Path, str, bool]:
     """The EMA weights of a checkpoint as a small inference file. fp16 when its outputs stay within
     1e-2 of fp32 on a probe input, else fp32. With ``blend`` < 1 the file holds ``blend * EMA + (1 - blend) *
-    base_state`` (weight-space ensembling of a fine-tuned network with its base). Returns (path, sha256, half)."""
+    base_state`` (weight-space ensembling of a fine-tuned network with its base). ``colour_match`` (0-1]
+    records the run's training-image colour statistics (:func:`training_colour_stats`) and that share, so
+    ``segment()`` moves each image's colours that far towards them. Returns (path, sha256, half)."""
     run_dir = Path(run_dir)
     ck = run_dir / checkpoint
     if not ck.exists():
         ck = run_dir / "last.pt"
     st = torch.load(ck, map_location="cpu", weights_only=True)
+    colour_meta = {k: st[k] for k in ("colour_norm", "colour_strength") if k in st}
+    if colour_match is not None:
+        if isinstance(colour_match, bool) or not 0 < float(colour_match) <= 1:
+            raise SegDiffError(
+                f"colour matching is the share of the way to the training colours, in (0, 1], got {colour_match!r}"
+            )
+        if colour_meta:
+            raise SegDiffError(
+                "this run trained on colour-normalised images (or from a model that records its colours): its "
+                "file records them already; export it without --colour-match"
+            )
+        colour_meta = {"colour_norm": training_colour_stats(run_dir), "colour_strength": float(colour_match)}
     cfg = NetworkConfig.from_dict(st["net_config"])
     net = SegDiffNet(cfg)
     state = st["ema"]
@@ -673,7 +708,7 @@ def export(
     half = err < 1e-2
     meta = {
         "name": name,
-        **{k: st[k] for k in ("colour_norm", "colour_strength") if k in st},
+        **colour_meta,
         "train_step": int(st["step"]),
         "best_val": float(st["best"]),
         "fp16_max_abs_error": err,
