@@ -284,8 +284,11 @@ def main() -> None:
                     print(
                         f"  {m:g} min ({steps} steps), blend {blend:g}: "
                         + ", ".join(
-                            f"{k} {v:.4f} (base {base[k]:.4f}, ref {ref.get(k, np.nan):.4f})" for k, v in s.items()
+                            f"{k} {v:.4f} (base {base[k]:.4f}, ref {ref.get(k, np.nan):.4f})"
+                            for k, v in s.items()
+                            if not isinstance(v, dict)
                         )
+                        + (f"; pooled IoU by threshold {s['pooled_iou_at']}" if "pooled_iou_at" in s else "")
                         + (f"; gap closed {closed}" if closed else "")
                         + (f"; elsewhere {elsewhere}" if elsewhere else ""),
                         flush=True,
