@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from buildings_eval import DATA, evaluate, tiles
+from buildings_eval import DATA, evaluate, pooled_iou_at, tiles
 
 from napari_segdiff.models import load_model, save_model
 from napari_segdiff.training.finetune import CARRIED_META, MIN_VAL_IMAGES, finetune
@@ -73,10 +73,7 @@ def scores(rows) -> dict[str, float]:
         if vals:
             out[k] = float(np.mean(vals))
     if rows and "sweep" in rows[0]:  # buildings: pooled IoU at other mask thresholds, from the same run
-        out["pooled_iou_at"] = {
-            t: round(sum(r["sweep"][t][0] for r in rows) / max(1, sum(r["sweep"][t][1] for r in rows)), 4)
-            for t in rows[0]["sweep"]
-        }
+        out["pooled_iou_at"] = {t: round(v, 4) for t, v in pooled_iou_at(rows).items()}
     return out
 
 

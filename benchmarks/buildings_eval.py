@@ -43,7 +43,7 @@ def recolourer(method: str, data: Path, reference: list[str]):
     """img (uint8 RGB) -> img moved towards the ``reference`` tiles' colours (see the module's docstring)."""
     from skimage.exposure import match_histograms
 
-    from napari_segdiff.transforms import colour_transfer, lab_stats
+    from napari_segdiff.transforms import match_colours_uint8, mean_lab_stats
 
     kind, _, strength = method.partition(":")
     if kind == "hist":
@@ -52,15 +52,8 @@ def recolourer(method: str, data: Path, reference: list[str]):
     if kind != "reinhard":
         raise SystemExit(f"--recolour: hist, reinhard or reinhard:S, got {method!r}")
     s = float(strength or 1.0)
-    target = np.mean(
-        [lab_stats(read_image(data / "images" / f"{n}.png")[..., :3][::4, ::4] / 255.0) for n in reference], 0
-    )
-
-    def move(img):
-        rgb = img / 255.0
-        return (colour_transfer(rgb, lab_stats(rgb), target, s) * 255 + 0.5).astype(np.uint8)
-
-    return move
+    target = mean_lab_stats(read_image(data / "images" / f"{n}.png")[..., :3][::4, ::4] for n in reference)
+    return lambda img: match_colours_uint8(img, target, s)
 
 
 def evaluate(
@@ -110,6 +103,13 @@ def evaluate(
     return rows
 
 
+def pooled_iou_at(rows) -> dict[str, float]:
+    """Pooled IoU of ``rows`` at each threshold of their ``sweep`` (the same runs, other mask thresholds)."""
+    return {
+        t: sum(r["sweep"][t][0] for r in rows) / max(1, sum(r["sweep"][t][1] for r in rows)) for t in rows[0]["sweep"]
+    }
+
+
 def summary(rows) -> dict[str, dict]:
     by = defaultdict(list)
     for r in rows:
@@ -125,9 +125,7 @@ def summary(rows) -> dict[str, dict]:
             "aji": float(np.mean([r["aji"] for r in rs])),
             "count_error": float(np.mean([r["count_error"] for r in rs])),
             "error_auroc": float(np.nanmean([r["error_auroc"] for r in rs])),
-            "pooled_iou_at": {
-                t: sum(r["sweep"][t][0] for r in rs) / max(1, sum(r["sweep"][t][1] for r in rs)) for t in rs[0]["sweep"]
-            },
+            "pooled_iou_at": pooled_iou_at(rs),
         }
     return out
 

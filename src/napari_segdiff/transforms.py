@@ -147,6 +147,17 @@ def colour_transfer(rgb01: np.ndarray, source: np.ndarray, target: np.ndarray, s
     return np.clip(lab2rgb(moved), 0.0, 1.0).astype(np.float32)
 
 
+def mean_lab_stats(images) -> np.ndarray:
+    """The mean over uint8 RGB ``images`` of each image's :func:`lab_stats`: a set's colour statistics."""
+    return np.mean([lab_stats(np.asarray(im) / 255.0) for im in images], axis=0)
+
+
+def match_colours_uint8(img: np.ndarray, target, strength: float = 1.0) -> np.ndarray:
+    """A uint8 RGB image moved ``strength`` of the way from its own Lab statistics to ``target`` (uint8 kept)."""
+    rgb = np.asarray(img) / 255.0
+    return (colour_transfer(rgb, lab_stats(rgb), np.asarray(target), strength) * 255.0 + 0.5).astype(np.uint8)
+
+
 def image_lab_stats(arr: da.Array, scale: Intensity, alpha: da.Array | None = None) -> np.ndarray:
     """:func:`lab_stats` of a (lazy) RGB image scaled by ``scale``, read on a strided grid of at most
     :data:`COLOUR_STATS_PIXELS` pixels; transparent pixels (alpha 0) are left out."""

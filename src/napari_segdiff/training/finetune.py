@@ -22,7 +22,7 @@ from .._errors import SegDiffError
 from ..io import _within, check_writable
 from ..models import SegDiffModel, _registry, _user_registry, load_model, register_user_model, save_model, sha256_of
 from .datasets import load_folder
-from .trainer import TrainConfig, Trainer, export
+from .trainer import COLOUR_META, TrainConfig, Trainer, export
 
 #: fine-tuning recipe (the model's network and input scale are kept)
 LR = 5e-5
@@ -31,7 +31,7 @@ VAL_EVERY = 25
 #: the recipe settings a fine-tuned model file records
 RECIPE_KEYS = ("lr", "batch_size", "crop", "augment", "ema_decay", "freeze_encoder", "focus_steps", "amp")
 #: what a fine-tuned model file carries over from its base model's metadata
-CARRIED_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment", "colour_norm", "colour_strength")
+CARRIED_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment", *COLOUR_META)
 #: the default share of the fine-tuned weights in the written model. Against the unblended weights, 0.75 scored
 #: on the adapted organ/place Dice +0.014 / +0.022 and IoU -0.007 in three 10-minute float32 fine-tunes of about
 #: 120-140 steps (AVX2 CPU), and IoU +0.027, -0.114 and -0.030 in three of 414-457 steps (native bf16:

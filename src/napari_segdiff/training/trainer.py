@@ -26,7 +26,7 @@ from ..engine import resolve_device, resolve_precision, segment, warn_if_bf16_em
 from ..io import atomic_write_bytes
 from ..models import SegDiffModel, save_model
 from ..network import SegDiffNet, count_parameters
-from ..transforms import colour_transfer, lab_stats
+from ..transforms import match_colours_uint8, mean_lab_stats
 from .augment import augment_pair, get_augment
 from .datasets import Sample, load_dataset, split_samples
 from .metrics import all_metrics
@@ -176,26 +176,27 @@ MASK_BIT, INTERIOR_BIT, KNOWN_BIT = 1, 2, 4
 INTERIOR_WIDTH = 2  # px (at the network's scale) peeled off each object for the interior channel
 
 
+#: what a model file records of its colour normalisation (``segment()`` reads them; fine-tunes carry them)
+COLOUR_META = ("colour_norm", "colour_strength")
+
+
 def colour_norm_target(
     cfg: TrainConfig, train_set: list[Sample], init_meta: dict[str, Any] | None = None
 ) -> tuple[list[list[float]] | None, float]:
     """The Lab statistics a run moves its images to, and how far: a warm start's own (``init_meta``, its file's
     ``colour_norm`` and ``colour_strength``, as ``segment()`` applies them), else with ``cfg.colour_norm`` the
-    mean over the training images of each image's :func:`lab_stats`, all the way; else (None, 1)."""
+    training images' :func:`~napari_segdiff.transforms.mean_lab_stats`, all the way; else (None, 1)."""
     meta = init_meta or {}
     if meta.get("colour_norm") is not None:
         return np.asarray(meta["colour_norm"], np.float64).tolist(), float(meta.get("colour_strength", 1.0))
     if not cfg.colour_norm:
         return None, 1.0
-    stats = np.mean([lab_stats(s.image / 255.0) for s in train_set], axis=0)
-    return np.round(stats, 4).tolist(), 1.0
+    return np.round(mean_lab_stats(s.image for s in train_set), 4).tolist(), 1.0
 
 
 def normalise_colours(s: Sample, target, strength: float = 1.0) -> Sample:
     """The sample with its image moved (``strength`` of the way) to the ``target`` Lab statistics (uint8 kept)."""
-    rgb = s.image / 255.0
-    out = colour_transfer(rgb, lab_stats(rgb), np.asarray(target), strength)
-    return dataclasses.replace(s, image=(out * 255.0 + 0.5).astype(np.uint8))
+    return dataclasses.replace(s, image=match_colours_uint8(s.image, target, strength))
 
 
 def pack_targets(s: Sample, scale: float = 1.0) -> np.ndarray:
@@ -635,8 +636,9 @@ def blend_states(
 
 
 def training_colour_stats(run_dir: str | Path) -> list[list[float]]:
-    """The mean over a run's training images (``config.json``'s ``train_images``, validation images left out)
-    of each image's :func:`lab_stats`: what ``segment()`` moves a new image towards with colour matching."""
+    """:func:`~napari_segdiff.transforms.mean_lab_stats` of a run's training images (``config.json``'s
+    ``train_images``, validation images left out): what ``segment()`` moves a new image towards with colour
+    matching."""
     cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.exists():
         raise SegDiffError(f"{str(run_dir)!r} is not a training run folder (no config.json in it)")
@@ -651,7 +653,7 @@ def training_colour_stats(run_dir: str | Path) -> list[list[float]]:
     images = [s.image for s in load_dataset(data, cfg.get("format", "folder")) if not wanted or s.name in wanted]
     if not images:
         raise SegDiffError(f"none of the run's training images is in {str(data)!r}")
-    return np.round(np.mean([lab_stats(im / 255.0) for im in images], axis=0), 4).tolist()
+    return np.round(mean_lab_stats(images), 4).tolist()
 
 
 def export(
@@ -675,7 +677,7 @@ def export(
     if not ck.exists():
         ck = run_dir / "last.pt"
     st = torch.load(ck, map_location="cpu", weights_only=True)
-    colour_meta = {k: st[k] for k in ("colour_norm", "colour_strength") if k in st}
+    colour_meta = {k: st[k] for k in COLOUR_META if k in st}
     if colour_match is not None:
         if isinstance(colour_match, bool) or not 0 < float(colour_match) <= 1:
             raise SegDiffError(
