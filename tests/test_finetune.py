@@ -13,7 +13,7 @@ import napari_segdiff as ns
 from napari_segdiff import SegDiffError
 from napari_segdiff.models import list_models, load_model, save_model, sha256_of, user_models_dir
 from napari_segdiff.training.cli import main
-from napari_segdiff.training.finetune import DEFAULT_BLEND, finetune
+from napari_segdiff.training.finetune import DEFAULT_BLEND, choose_threshold, finetune
 
 
 @pytest.fixture
@@ -31,7 +31,13 @@ def base(tmp_path_factory):
         tiny_model(seed=0, perturb=0.3),
         path,
         half=False,
-        meta={"name": "tiny-base", "pixel_size": 0.15, "pixel_unit": "m", "sampling": {"samples": 2, "steps": 2}},
+        meta={
+            "name": "tiny-base",
+            "pixel_size": 0.15,
+            "pixel_unit": "m",
+            "sampling": {"samples": 2, "steps": 2},
+            "tiling": {"tile": 32},  # the tiny network's size (the threshold choice segments at the model's tile)
+        },
     )
     return path
 
@@ -43,13 +49,17 @@ def _folder(root, n=8, size=48, instance_masks=False):
 def test_finetune_writes_a_model_with_its_provenance_and_registers_it(base, tmp_path, user_dir):
     data = _folder(tmp_path / "data", n=8, instance_masks=True)
     out = tmp_path / "mine.pt"
-    res = finetune(str(base), data, out, steps=3, name="mine", progress=False)
+    res = finetune(str(base), data, out, steps=3, name="mine", progress=False, threshold="auto")
     assert res.steps == 3 and res.val_images and len(res.train_images) == 6 and res.kept in ("best", "base")
     m = load_model(str(out))
     assert m.meta["base_model"] == {"name": "tiny-base", "sha256": sha256_of(base)}
     ft = m.meta["finetune"]
     assert ft["steps"] == 3 and sorted(ft["train_images"] + ft["val_images"]) == [f"im{i}" for i in range(8)]
-    assert m.meta["pixel_size"] == 0.15 and m.meta["sampling"] == {"samples": 2, "steps": 2}
+    assert m.meta["pixel_size"] == 0.15 and m.meta["sampling"]["samples"] == 2 and m.meta["sampling"]["steps"] == 2
+    chose = ft["threshold"]  # chosen on the held-back validation images, recorded with its scores
+    assert chose["on"] == "validation" and chose["images"] == ft["val_images"] and chose["inherited"] == 0.5
+    assert m.meta["sampling"]["threshold"] == chose["chosen"] == res.threshold
+    assert chose["pooled_iou"][f"{res.threshold:g}"] == max(chose["pooled_iou"].values())
     # by name, everywhere: load_model, list_models, segment
     assert "mine" in list_models() and (user_dir / "mine.pt").is_file()
     assert load_model("mine").sha256 == sha256_of(user_dir / "mine.pt")
@@ -208,3 +218,58 @@ def test_blend_writes_the_weighted_mean_of_fine_tuned_and_base_weights(base, tmp
         with pytest.raises(SegDiffError, match=r"blend is the share of the fine-tuned weights"):
             finetune(str(base), data, tmp_path / "bad.pt", steps=1, progress=False, blend=bad)
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_choose_threshold_takes_the_best_pooled_iou_and_breaks_ties_towards_the_preferred(monkeypatch):
+    from types import SimpleNamespace
+
+    from napari_segdiff import engine
+    from napari_segdiff.training.datasets import Sample
+
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    gt = r < 8
+    # the object at 0.45, a ring around it at 0.25: any threshold in [0.25, 0.45) gives exactly the object
+    prob = np.where(gt, 0.45, np.where(r < 12, 0.25, 0.02)).astype(np.float32)
+    monkeypatch.setattr(engine, "segment", lambda image, model, seed=0: SimpleNamespace(probability=prob))
+    s = [Sample("a", np.zeros((40, 40, 3), np.uint8), gt)]
+    t, ious = choose_threshold(None, s, prefer=0.2)
+    assert t == 0.3 and ious[0.3] == ious[0.4] == 1.0
+    assert ious[0.2] == pytest.approx(gt.sum() / (r < 12).sum()) and ious[0.5] == 0.0
+    assert choose_threshold(None, s, prefer=0.5)[0] == 0.4
+
+
+def test_threshold_keep_given_or_refused(base, tmp_path, user_dir, capsys):
+    data = _folder(tmp_path / "data", n=2)
+    kept = finetune(str(base), data, tmp_path / "k.pt", steps=1, progress=False)  # the default: keep
+    m = load_model(str(kept.path))
+    assert m.meta["sampling"] == {"samples": 2, "steps": 2} and "threshold" not in m.meta["finetune"]
+    given = finetune(str(base), data, tmp_path / "g.pt", steps=1, progress=False, threshold=0.35)
+    assert load_model(str(given.path)).meta["sampling"]["threshold"] == 0.35 == given.threshold
+    auto = finetune(str(base), data, tmp_path / "a.pt", steps=1, progress=False, threshold="auto")  # no val: kept
+    assert load_model(str(auto.path)).meta["sampling"] == {"samples": 2, "steps": 2} and auto.threshold is None
+    assert "kept the base model's 0.5 (choosing it needs held-back images: from 8 images on)" in auto.threshold_note
+    for bad in (0, 1, 1.5, "high", True):
+        with pytest.raises(SegDiffError, match="threshold: 'auto', 'keep' or a number in"):
+            finetune(str(base), data, tmp_path / "bad.pt", steps=1, progress=False, threshold=bad)
+    assert not (tmp_path / "bad.pt").exists()
+    out = tmp_path / "cli.pt"
+    args = ["finetune", "--model", str(base), "--data", str(data), "--steps", "1", "-q", "-o", str(out)]
+    assert main([*args, "--threshold", "0.3"]) == 0
+    assert "mask threshold 0.3 as given" in capsys.readouterr().out
+    assert load_model(str(out)).meta["sampling"]["threshold"] == 0.3
+
+
+def test_threshold_judges_are_central_crops_within_the_pixel_budget(monkeypatch):
+    from napari_segdiff.training import finetune as ft
+    from napari_segdiff.training.datasets import Sample
+
+    monkeypatch.setattr(ft, "THRESHOLD_MAX_SIDE", 40)
+    monkeypatch.setattr(ft, "THRESHOLD_MAX_PIXELS", 2000)
+    img = np.arange(100 * 60 * 3, dtype=np.uint8).reshape(100, 60, 3)
+    mask = np.zeros((100, 60), bool)
+    mask[30:70, 10:50] = True
+    js = ft._judges([Sample(f"s{i}", img, mask) for i in range(3)])
+    assert [j.name for j in js] == ["s0", "s1"]  # 1600 px each: the second reaches the budget, the third waits
+    assert js[0].mask.shape == (40, 40) and js[0].mask.all()  # rows 30-69, columns 10-49: the centre
+    assert (js[0].image == img[30:70, 10:50]).all()

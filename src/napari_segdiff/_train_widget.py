@@ -189,7 +189,10 @@ class FinetuneWidget(Container):
     def _on_done(self, res) -> None:
         how = "cancelled; kept the best state so far" if res.cancelled else "done"
         score = "" if res.base_score is None else f", validation {res.best_score:.3f} (base {res.base_score:.3f})"
-        self.status.value = f"{how}: model {res.name!r}, {res.steps} steps, {res.minutes:.1f} min{score}"
+        self.status.value = (
+            f"{how}: model {res.name!r}, {res.steps} steps, {res.minutes:.1f} min{score}; "
+            f"mask threshold {res.threshold_note}"
+        )
         self.model_added.emit(res.name)
         from ._widget import LIVE_WIDGETS
 
