@@ -12,7 +12,9 @@ without paying 2 + 5 + 10 + 20 minutes. Prints one row per (choice, minutes) aga
 with ``--reference``, against a model trained with the place. ``--blends 1,0.5`` also scores each fine-tuned
 state blended with the base (``blend * fine-tuned + (1 - blend) * base``, what ``finetune --blend`` writes),
 and ``--also NAME,...`` scores every model on those images too (e.g. the other organs' held-out images: what
-fine-tuning costs where it was not aimed).
+fine-tuning costs where it was not aimed). The fine-tuning runs keep the base model's mask threshold, as
+``finetune`` does by default (``--threshold auto`` passes its other choice); each row also scores the threshold
+chosen by pooled IoU on the k training images themselves (which ``finetune`` never does: it misled).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ import numpy as np
 from buildings_eval import DATA, evaluate, pooled_iou_at, tiles
 
 from napari_segdiff.models import load_model, save_model
-from napari_segdiff.training.finetune import CARRIED_META, MIN_VAL_IMAGES, finetune
+from napari_segdiff.training.datasets import load_folder
+from napari_segdiff.training.finetune import (
+    CARRIED_META,
+    MIN_VAL_IMAGES,
+    THRESHOLD_CANDIDATES,
+    choose_threshold,
+    finetune,
+)
 from napari_segdiff.training.trainer import blend_states, export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +128,15 @@ def blended(path: Path, base, blend: float) -> Path:
     return out
 
 
+def with_threshold(path: Path, threshold: float) -> Path:
+    """A copy of the model file at ``path`` whose recommended mask threshold is ``threshold``."""
+    m = load_model(str(path))
+    out = path.with_name(f"{path.stem}-t{threshold:g}.pt")
+    sampling = {**m.meta.get("sampling", {}), "threshold": threshold}
+    save_model(m, out, meta={**m.meta, "name": out.stem, "sampling": sampling})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True)
@@ -142,6 +160,17 @@ def main() -> None:
         "--recipe",
         default="{}",
         help="JSON object of training settings laid over finetune's recipe, e.g. '{\"lr\": 2e-5}' (default: none)",
+    )
+    ap.add_argument(
+        "--threshold",
+        default="keep",
+        help="finetune's threshold (default keep; auto chooses one on the held-back images, from 8 images on: "
+        "the longest budget's row then also scores the base model's threshold, 'kept_threshold')",
+    )
+    ap.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="only the base model's rows (and, for places, its threshold chosen on the k tiles)",
     )
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -200,6 +229,19 @@ def main() -> None:
         base = scores([r for r in base_rows if r["name"] in test])
         ref = scores([r for r in ref_rows if r["name"] in test]) if ref_rows else {}
         print(f"{choice}: fine-tune on {train}, score on {test}; base {base}; reference {ref}", flush=True)
+        if "pooled_iou_at" in base:  # the base model with its threshold chosen on the k tiles, no training
+            on_k = pooled_iou_at([r for r in base_rows if r["name"] in train])
+            cand = {f"{t:g}": on_k[f"{t:g}"] for t in THRESHOLD_CANDIDATES}
+            prefer = float((load_model(a.base).meta.get("sampling") or {}).get("threshold", 0.5))
+            best = max(cand.values())
+            t_k = min((t for t, v in cand.items() if v >= best - 1e-9), key=lambda t: abs(float(t) - prefer))
+            print(
+                f"  base, threshold chosen on the {a.k} tiles: {t_k} (pooled IoU there {cand[t_k]:.4f}); "
+                f"on the scored tiles {base['pooled_iou_at'][t_k]:.4f} (at its own threshold {base['pooled_iou']:.4f})",
+                flush=True,
+            )
+        if a.no_finetune:
+            continue
         tmp = Path(tempfile.mkdtemp())
         try:
             (tmp / "data" / "images").mkdir(parents=True)
@@ -246,7 +288,10 @@ def main() -> None:
                 min_val_images=a.min_val_images,
                 recipe=recipe or None,
                 blend=1,  # the fine-tuned state itself; --blends mixes it with the base afterwards
+                threshold=a.threshold,  # keep: the base's threshold; each row also scores the in-sample choice
             )
+            train_samples = load_folder(tmp / "data")
+            inherited = float((base_meta.get("sampling") or {}).get("threshold", 0.5))
             print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
             snaps[marks[-1]] = (tmp / "ft.pt", res.steps)
             for m in marks:
@@ -260,6 +305,15 @@ def main() -> None:
                         if k in ref and not isinstance(s[k], dict) and abs(ref[k] - base[k]) > 1e-9
                     }
                     elsewhere = scores(also_rows(str(path))) if also else {}
+                    kept = {}
+                    if m == marks[-1] and res.threshold is not None and res.threshold != inherited:
+                        kept = scores(rows_of(str(with_threshold(path, inherited)), test))
+                        print(f"  finetune chose threshold {res.threshold_note}; at {inherited:g}: {kept}", flush=True)
+                    # the threshold chosen on the k training images themselves (in-sample)
+                    tuned_model = load_model(str(path))
+                    own = float(tuned_model.meta.get("sampling", {}).get("threshold", 0.5))
+                    chosen, _ = choose_threshold(tuned_model, train_samples, seed=a.seed, prefer=inherited)
+                    in_sample = scores(rows_of(str(with_threshold(path, chosen)), test)) if chosen != own else s
                     row = {
                         "target": a.place or a.organ,
                         "choice": choice,
@@ -273,6 +327,10 @@ def main() -> None:
                         "reference": ref,
                         "adapted": s,
                         "gap_closed": closed,
+                        "in_sample_threshold": chosen,
+                        "adapted_in_sample_threshold": in_sample,
+                        "finetune_threshold": res.threshold if m == marks[-1] else None,
+                        "kept_threshold": kept,
                         "also": also,
                         "also_base": also_base,
                         "also_adapted": elsewhere,
@@ -287,6 +345,8 @@ def main() -> None:
                         )
                         + (f"; pooled IoU by threshold {s['pooled_iou_at']}" if "pooled_iou_at" in s else "")
                         + (f"; gap closed {closed}" if closed else "")
+                        + f"; threshold {chosen:g} (chosen on the training tiles) instead of {inherited:g}: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in in_sample.items() if not isinstance(v, dict))
                         + (f"; elsewhere {elsewhere}" if elsewhere else ""),
                         flush=True,
                     )
