@@ -47,6 +47,7 @@ def test_finetune_widget_trains_registers_and_leaves_layers_alone(make_napari_vi
     ft.train_button.clicked.emit()
     qtbot.waitUntil(lambda: ft._worker is None, timeout=TIMEOUT_MS)
     assert ft.status.value.startswith("done: model 'widget-model'"), ft.status.value
+    assert ft.threshold.value == "keep" and "mask threshold kept the base model's 0.5" in ft.status.value
     assert "widget-model" in list(seg.model.choices)  # offered without a restart
     from napari_segdiff.models import load_model
 

@@ -57,9 +57,10 @@ class FinetuneWidget(Container):
         self.pair_list = Label(value="no pairs yet")
         self.base = ComboBox(label="base model", choices=lambda _w=None: list(list_models()))
         self.minutes = FloatSpinBox(label="minutes", value=10.0, min=0.1, max=24 * 60, step=1.0)
-        from .training.finetune import BLEND_HELP, DEFAULT_BLEND
+        from .training.finetune import BLEND_HELP, DEFAULT_BLEND, THRESHOLD_HELP
 
         self.blend = FloatSpinBox(label="blend", value=DEFAULT_BLEND, min=0.05, max=1.0, step=0.05, tooltip=BLEND_HELP)
+        self.threshold = ComboBox(label="threshold", choices=["keep", "auto"], value="keep", tooltip=THRESHOLD_HELP)
         self.name = LineEdit(label="name", value="my-model")
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -74,6 +75,7 @@ class FinetuneWidget(Container):
                 self.base,
                 self.minutes,
                 self.blend,
+                self.threshold,
                 self.name,
                 self.train_button,
                 self.cancel_button,
@@ -138,6 +140,7 @@ class FinetuneWidget(Container):
         t0 = time.time()
         budget = float(self.minutes.value)
         blend = float(self.blend.value)
+        threshold = str(self.threshold.value)
 
         def on_step(tr, st):
             self._last = (st["step"], time.time() - t0)
@@ -155,6 +158,7 @@ class FinetuneWidget(Container):
                 on_step=on_step,
                 should_stop=lambda: self._stop,
                 blend=blend,
+                threshold=threshold,
             )
             with contextlib.suppress(OSError):
                 out.unlink()  # registered: the copy in the user model directory is the model
