@@ -36,6 +36,7 @@ from napari_segdiff.training.finetune import (
     CARRIED_META,
     MIN_VAL_IMAGES,
     THRESHOLD_CANDIDATES,
+    best_threshold,
     choose_threshold,
     finetune,
 )
@@ -128,9 +129,9 @@ def blended(path: Path, base, blend: float) -> Path:
     return out
 
 
-def with_threshold(path: Path, threshold: float) -> Path:
-    """A copy of the model file at ``path`` whose recommended mask threshold is ``threshold``."""
-    m = load_model(str(path))
+def with_threshold(path: Path, threshold: float, m=None) -> Path:
+    """A copy of the model file at ``path`` (``m``: it, loaded) whose recommended mask threshold is ``threshold``."""
+    m = m if m is not None else load_model(str(path))
     out = path.with_name(f"{path.stem}-t{threshold:g}.pt")
     sampling = {**m.meta.get("sampling", {}), "threshold": threshold}
     save_model(m, out, meta={**m.meta, "name": out.stem, "sampling": sampling})
@@ -215,6 +216,7 @@ def main() -> None:
     marks = sorted(float(m) for m in a.minutes.split(","))
     base_model = load_model(a.base)
     base_meta = base_model.meta  # the snapshots run as the fine-tuned file would (sampling, instances)
+    inherited = float((base_meta.get("sampling") or {}).get("threshold", 0.5))
 
     def also_rows(model):  # images of other organs or places, from the full training folder
         return evaluate(model, also) if a.place else nuclei_rows(model, also)
@@ -231,13 +233,11 @@ def main() -> None:
         print(f"{choice}: fine-tune on {train}, score on {test}; base {base}; reference {ref}", flush=True)
         if "pooled_iou_at" in base:  # the base model with its threshold chosen on the k tiles, no training
             on_k = pooled_iou_at([r for r in base_rows if r["name"] in train])
-            cand = {f"{t:g}": on_k[f"{t:g}"] for t in THRESHOLD_CANDIDATES}
-            prefer = float((load_model(a.base).meta.get("sampling") or {}).get("threshold", 0.5))
-            best = max(cand.values())
-            t_k = min((t for t, v in cand.items() if v >= best - 1e-9), key=lambda t: abs(float(t) - prefer))
+            cand = {t: on_k[f"{t:g}"] for t in THRESHOLD_CANDIDATES}
+            t_k = best_threshold(cand, inherited)
             print(
-                f"  base, threshold chosen on the {a.k} tiles: {t_k} (pooled IoU there {cand[t_k]:.4f}); "
-                f"on the scored tiles {base['pooled_iou_at'][t_k]:.4f} (at its own threshold {base['pooled_iou']:.4f})",
+                f"  base, threshold chosen on the {a.k} tiles: {t_k:g} (pooled IoU there {cand[t_k]:.4f}); on the "
+                f"scored tiles {base['pooled_iou_at'][f'{t_k:g}']:.4f} (at its own threshold {base['pooled_iou']:.4f})",
                 flush=True,
             )
         if a.no_finetune:
@@ -291,7 +291,6 @@ def main() -> None:
                 threshold=a.threshold,  # keep: the base's threshold; each row also scores the in-sample choice
             )
             train_samples = load_folder(tmp / "data")
-            inherited = float((base_meta.get("sampling") or {}).get("threshold", 0.5))
             print(f"  fine-tuning ran {(time.time() - t0) / 60:.1f} min, kept {res.kept}", flush=True)
             snaps[marks[-1]] = (tmp / "ft.pt", res.steps)
             for m in marks:
@@ -305,15 +304,17 @@ def main() -> None:
                         if k in ref and not isinstance(s[k], dict) and abs(ref[k] - base[k]) > 1e-9
                     }
                     elsewhere = scores(also_rows(str(path))) if also else {}
+                    tuned_model = load_model(str(path))
                     kept = {}
                     if m == marks[-1] and res.threshold is not None and res.threshold != inherited:
-                        kept = scores(rows_of(str(with_threshold(path, inherited)), test))
+                        kept = scores(rows_of(str(with_threshold(path, inherited, tuned_model)), test))
                         print(f"  finetune chose threshold {res.threshold_note}; at {inherited:g}: {kept}", flush=True)
                     # the threshold chosen on the k training images themselves (in-sample)
-                    tuned_model = load_model(str(path))
                     own = float(tuned_model.meta.get("sampling", {}).get("threshold", 0.5))
                     chosen, _ = choose_threshold(tuned_model, train_samples, seed=a.seed, prefer=inherited)
-                    in_sample = scores(rows_of(str(with_threshold(path, chosen)), test)) if chosen != own else s
+                    in_sample = (
+                        scores(rows_of(str(with_threshold(path, chosen, tuned_model)), test)) if chosen != own else s
+                    )
                     row = {
                         "target": a.place or a.organ,
                         "choice": choice,

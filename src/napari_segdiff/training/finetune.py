@@ -83,9 +83,15 @@ def choose_threshold(
             inter[i] += np.count_nonzero(m & s.mask)
             union[i] += np.count_nonzero(m | s.mask)
     iou = {float(t): float(a / max(1.0, b)) for t, a, b in zip(candidates, inter, union)}
+    return best_threshold(iou, prefer), iou
+
+
+def best_threshold(iou: dict[float, float], prefer: float | None = None) -> float:
+    """The threshold with the highest score in ``iou`` ({threshold: score}); ties go to the one nearest
+    ``prefer`` (0.5 when None)."""
     best = max(iou.values())
     ties = [t for t, v in iou.items() if v >= best - 1e-9]
-    return min(ties, key=lambda t: abs(t - (0.5 if prefer is None else prefer))), iou
+    return min(ties, key=lambda t: abs(t - (0.5 if prefer is None else prefer)))
 
 
 def _judges(samples) -> list:
