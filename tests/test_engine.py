@@ -87,6 +87,24 @@ def test_tile_seeds_are_distinct():
     assert len(seeds) == 1000
 
 
+def test_segment_by_name_loads_the_model_once(model, image, tmp_path, monkeypatch):
+    """A script segmenting image after image by name reads the file once, and gets what a loaded model gives."""
+    from napari_segdiff import models
+
+    sha = models.save_model(model, tmp_path / "m.pt", half=False)
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(models, "_registry", lambda: {"m": {"file": "m.pt", "sha256": sha}})
+    monkeypatch.setattr(models, "_SHARED", models.OrderedDict())
+    reads = []
+    real = models.load_model_file
+    monkeypatch.setattr(models, "load_model_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    runs = [segment(image, "m", samples=2, steps=2, seed=0, **KW) for _ in range(3)]
+    assert len(reads) == 1
+    ref = segment(image, model, samples=2, steps=2, seed=0, **KW)
+    for r in runs:
+        assert np.array_equal(r.probability, ref.probability)
+
+
 def test_result_ranges_and_mask(model, image):
     r = segment(image, model, samples=4, steps=4, seed=0, threshold=0.45, **KW)
     assert isinstance(r, SegmentationResult)

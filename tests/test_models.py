@@ -212,6 +212,44 @@ def test_model_objects_pass_through():
     assert load_model(m) is m
 
 
+def test_shared_model_loads_once_and_reloads_a_replaced_file(tmp_path, monkeypatch):
+    """segment() by name reads, checks and builds the model once; a file written again (a user model registered
+    anew), another registry entry or another checksum loads afresh; load_model stays a private copy."""
+    path = tmp_path / "reg.pt"
+    sha = save_model(tiny_model(seed=1), path)
+    reg = {"m": {"file": "reg.pt", "sha256": sha, "meta": {"pixel_size": 0.5}}}
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(models, "_registry", lambda: reg)
+    monkeypatch.setattr(models, "_SHARED", models.OrderedDict())
+    reads = []
+    real = models.load_model_file
+    monkeypatch.setattr(models, "load_model_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+
+    first = models.shared_model("m")
+    assert models.shared_model("m") is first and len(reads) == 1
+    assert first.meta["pixel_size"] == 0.5
+    assert load_model("m") is not first and len(reads) == 2  # a private copy, read again
+    by_path = models.shared_model(str(path))
+    assert by_path is not first and models.shared_model(str(path)) is by_path and len(reads) == 3
+
+    # the registry's facts changed: loaded afresh, with the new facts
+    reg["m"]["meta"] = {"pixel_size": 0.25}
+    assert models.shared_model("m").meta["pixel_size"] == 0.25 and len(reads) == 4
+
+    # the file replaced by other weights (another size or time): loaded afresh, the new weights checked
+    sha2 = save_model(tiny_model(seed=2), path, half=False)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ModelFileError, match="sha256"):
+        models.shared_model("m")
+    reg["m"]["sha256"] = sha2
+    fresh = models.shared_model("m")
+    assert not torch.equal(_probe(fresh), _probe(first))
+    assert torch.equal(_probe(fresh), _probe(load_model(str(path))))
+    assert len(models._SHARED) <= models.SHARED_MODELS
+    m = tiny_model()
+    assert models.shared_model(m) is m
+
+
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"old")

@@ -36,7 +36,7 @@ from .config import (
     TilingConfig,
     device_error,
 )
-from .models import SegDiffModel, load_model
+from .models import SegDiffModel, shared_model
 from .pixelsize import model_pixel_size, scale_factor
 from .tiling import StreamingBlender, Window, iter_windows, taper_weights, window_grid
 from .transforms import alpha_of, as_hwc, colour_transfer, empty_tile, image_lab_stats, intensity_range, to_chw
@@ -470,7 +470,7 @@ def iter_segment(
 
         check_output(out, [image], overwrite, formats=False, how="pass overwrite=True")
     dev = resolve_device(device or (config.device if config else "auto"))
-    mdl = load_model(model, device=dev)
+    mdl = shared_model(model, device=dev)
     cfg = config or recommended_config(mdl)
     prec = resolve_precision(precision or cfg.precision, dev)
     rt = resolve_runtime(runtime or cfg.runtime, dev) if client is None else None

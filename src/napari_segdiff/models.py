@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,29 +301,67 @@ def _with_registry_facts(mdl: SegDiffModel, reg: dict, name: str | None = None) 
     return mdl
 
 
+def _resolve(model: str | os.PathLike | None) -> tuple[Path, str | None, str | None, dict, str | None]:
+    """(file, expected sha256, name, registry, registry name) of a model name or path; unknown names refused."""
+    if model is None:
+        model = DEFAULT_MODEL
+    reg = _registry()
+    key = str(model)
+    if key in reg:
+        return WEIGHTS_DIR / reg[key]["file"], reg[key].get("sha256"), key, reg, key
+    user = _user_registry()
+    if key in user:
+        return user_models_dir() / user[key]["file"], user[key].get("sha256"), key, {}, None
+    if Path(key).suffix or os.sep in key or Path(key).exists():
+        return Path(key), None, None, reg, None
+    raise ModelFileError(
+        f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}"
+        + (f", user models: {sorted(user)}" if user else "")
+        + ", or give the path of a model file"
+    )
+
+
 def load_model(
     model: str | os.PathLike | SegDiffModel | None = None, device: str | torch.device = "cpu"
 ) -> SegDiffModel:
     """A shipped model by name (checksum verified), a model file path, or a model passed through."""
     if isinstance(model, SegDiffModel):
         return model.to(device)
-    if model is None:
-        model = DEFAULT_MODEL
-    reg = _registry()
-    key = str(model)
-    if key in reg:
-        entry = reg[key]
-        mdl = load_model_file(WEIGHTS_DIR / entry["file"], expected_sha256=entry.get("sha256"), name=key, device=device)
-        return _with_registry_facts(mdl, reg, key)
-    user = _user_registry()
-    if key in user:
-        return load_model_file(
-            user_models_dir() / user[key]["file"], expected_sha256=user[key].get("sha256"), name=key, device=device
-        )
-    if Path(key).suffix or os.sep in key or Path(key).exists():
-        return _with_registry_facts(load_model_file(key, device=device), reg)
-    raise ModelFileError(
-        f"unknown model {key!r}; shipped models: {sorted(reg) or 'none installed'}"
-        + (f", user models: {sorted(user)}" if user else "")
-        + ", or give the path of a model file"
-    )
+    path, sha, name, reg, reg_name = _resolve(model)
+    mdl = load_model_file(path, expected_sha256=sha, name=name, device=device)
+    return _with_registry_facts(mdl, reg, reg_name) if reg else mdl
+
+
+#: models loaded by ``shared_model``, most recent last, by name, file, size, mtime, checksum, registry, device
+_SHARED: OrderedDict[tuple, SegDiffModel] = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+SHARED_MODELS = 2
+
+
+def shared_model(
+    model: str | os.PathLike | SegDiffModel | None = None, device: str | torch.device = "cpu"
+) -> SegDiffModel:
+    """``load_model`` for callers that only read the model (``segment()``): a model named or given by path is
+    loaded once and kept (the last ``SHARED_MODELS``), so a script that segments image after image by name reads,
+    checks and builds it once. Kept per file, size, modification time, expected checksum and registry entries: a
+    file replaced on disk (a user model registered again) is loaded afresh. Never modify the returned model;
+    ``load_model`` gives a private copy."""
+    if isinstance(model, SegDiffModel):
+        return model.to(device)
+    path, sha, _, reg, _ = _resolve(model)
+    try:
+        st = path.stat()
+    except OSError:  # load_model says what is wrong with the path
+        return load_model(model, device)
+    facts = json.dumps(reg, sort_keys=True, default=str)  # the registry's facts apply at load time
+    key = (str(model), str(path.resolve()), st.st_size, st.st_mtime_ns, sha, facts, str(torch.device(device)))
+    with _SHARED_LOCK:
+        if key in _SHARED:
+            _SHARED.move_to_end(key)
+            return _SHARED[key]
+    mdl = load_model(model, device)
+    with _SHARED_LOCK:
+        _SHARED[key] = mdl
+        while len(_SHARED) > SHARED_MODELS:
+            _SHARED.popitem(last=False)
+    return mdl

@@ -13,7 +13,7 @@ import numpy as np
 from ._errors import SegDiffError
 from .config import SegmentConfig
 from .engine import Progress, SegmentationResult, drain, iter_segment, resolve_device
-from .models import SegDiffModel, load_model
+from .models import SegDiffModel, shared_model
 
 _SEGMENT = SegmentConfig()
 MIN_DISTANCE = 5  # default smallest distance (px) between two instance centres
@@ -90,7 +90,7 @@ def iter_segment_stack(
     ``engine_kwargs`` go to :func:`iter_segment` unchanged (samples, steps, seed, device, ...).
     """
     device = resolve_device(engine_kwargs.get("device") or _SEGMENT.device)
-    mdl = load_model(model, device=device)
+    mdl = shared_model(model, device=device)
     data = _lazy(data)
     lead = leading_shape(tuple(data.shape), rgb)
     n = int(np.prod(lead, dtype=np.int64))
