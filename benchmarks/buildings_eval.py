@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from skimage.filters import threshold_otsu
 
 import napari_segdiff as ns
 from napari_segdiff.io import read_image
@@ -85,6 +86,9 @@ def evaluate(
         m = np.asarray(r.mask)
         prob = np.asarray(r.probability)
         sweep = {f"{t:g}": [int(((prob > t) & gt).sum()), int(((prob > t) | gt).sum())] for t in THRESHOLDS}
+        # an unsupervised per-tile threshold, for comparison: Otsu's on the tile's probability map
+        t_otsu = float(threshold_otsu(prob)) if np.ptp(prob) > 0 else 0.5
+        sweep["otsu"] = [int(((prob > t_otsu) & gt).sum()), int(((prob > t_otsu) | gt).sum())]
         rows.append(
             {
                 "name": n,
@@ -169,7 +173,10 @@ def main() -> None:
             f"error AUROC {v['error_auroc']:.3f}"
         )
     sweep = "  ".join(f"{t}: {v:.4f}" for t, v in s["all"]["pooled_iou_at"].items())
-    print(f"pooled IoU, all tiles, by threshold of the probability (the model's: {rows[0]['threshold']}): {sweep}")
+    print(
+        f"pooled IoU, all tiles, by threshold of the probability (the model's: {rows[0]['threshold']}; "
+        f"otsu: Otsu's threshold of each tile's probability map): {sweep}"
+    )
     print(f"({time.time() - t0:.0f} s)")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "rows": rows, "summary": s}, indent=1))
