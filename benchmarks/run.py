@@ -33,6 +33,8 @@
            paths at the old sampling, which separates the engine's gain from the sampling's.
 12. scene: the 2048x2048 aerial sample scene with buildings-all at its defaults (instances on), in a fresh
            process: seconds, peak RSS, IoU and the building count.
+13. repeat: a script segmenting image after image by name: segment(img, "nuclei-he") (the model kept after its
+           first load) against load_model + segment each time, interleaved, the 512x512 sample (median of 5).
 """
 
 from __future__ import annotations
@@ -688,6 +690,24 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
     return res
 
 
+def bench_repeat(reps: int = 5) -> dict:
+    """segment() by name, image after image (the model loaded once and kept), against loading it every time."""
+    img = sample_512()
+    ns.segment(img, ns.DEFAULT_MODEL, seed=0)  # the first load, the OpenVINO conversion and compile: not timed
+    times: dict[str, list[float]] = {"kept": [], "reloaded": []}
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ns.segment(img, ns.DEFAULT_MODEL, seed=0)
+        times["kept"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ns.segment(img, ns.load_model(ns.DEFAULT_MODEL), seed=0)
+        times["reloaded"].append(time.perf_counter() - t0)
+    row = {k: float(np.median(v)) for k, v in times.items()}
+    row["speedup"] = row["reloaded"] / row["kept"]
+    print(f"  repeat: {row}", flush=True)
+    return row
+
+
 def openvino_profile(model: SegDiffModel, batch: int, tile: int = 256) -> dict:
     """Share of OpenVINO's own per-node times (PERF_COUNT) by node type for one batched denoiser call of the
     default runtime's compiled network (bf16 hint), the counterpart of the torch profile."""
@@ -722,7 +742,7 @@ def _with(ctx, fn, *args, **kw):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile,attention,skip,speedup,scene")
+    p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile,attention,skip,speedup,scene,repeat")
     p.add_argument("--sizes", default="512,1000,4096", help="image sizes for the images part")
     p.add_argument(
         "--tile-models",
@@ -782,6 +802,8 @@ def main(argv=None) -> int:
         res["runtimes"] = bench_runtimes(model, 2 * model.meta.get("sampling", {}).get("samples", 3))
     if "scene" in parts:
         res["scene"] = bench_scene()
+    if "repeat" in parts:
+        res["repeat"] = bench_repeat()
     if "speedup" in parts:
         res["speedup"] = bench_speedup(
             model, [int(v) for v in args.speedup_sizes.split(",")], args.val_data, args.val_names
@@ -877,6 +899,12 @@ def print_table(res: dict) -> None:
             f"aerial sample scene {r['size']}x{r['size']} ({r['model']}, {r['runtime']}, threshold {r['threshold']}, "
             f"instances): {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, IoU {r['iou']:.3f}, "
             f"{r['buildings_found']} buildings found ({r['buildings_marked']} marked)"
+        )
+    if "repeat" in res:
+        r = res["repeat"]
+        print(
+            f"segment() by name, 512x512, image after image: {r['kept']:.2f} s with the model kept, "
+            f"{r['reloaded']:.2f} s loading it each time (x{r['speedup']:.2f})"
         )
     if "speedup" in res:
         r = res["speedup"]
