@@ -17,7 +17,7 @@ import numpy as np
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import napari_segdiff as ns
-from napari_segdiff.training.datasets import load_dataset
+from napari_segdiff.training.datasets import load_dataset, read_names
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import BEFORE_SAMPLING, default_model, machine  # noqa: E402
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/monuseg/train"))
     p.add_argument("--names", default=str(ROOT / "training/nuclei-he/val.txt"))
     args = p.parse_args(argv)
-    names = {n.strip() for n in Path(args.names).read_text().splitlines() if n.strip() and not n.startswith("#")}
+    names = set(read_names(args.names))
     items = [s for s in load_dataset(args.data) if s.name in names]
     if not items:
         raise SystemExit(f"no image of {args.names} in {args.data}")

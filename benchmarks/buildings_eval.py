@@ -27,6 +27,7 @@ from skimage.filters import threshold_otsu
 
 import napari_segdiff as ns
 from napari_segdiff.io import read_image
+from napari_segdiff.training.datasets import read_names
 from napari_segdiff.training.metrics import error_auroc, instance_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +151,7 @@ def main() -> None:
     a = ap.parse_args()
     data = Path(a.data)
     if a.names:
-        names = [ln.strip() for ln in Path(a.names).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        names = read_names(a.names)
     else:
         names = [n for n, r in tiles(data).items() if r["place"] == a.place]
     t0 = time.time()

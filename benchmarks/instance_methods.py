@@ -25,6 +25,7 @@ import numpy as np
 import napari_segdiff as ns
 from napari_segdiff.instances import label_instances
 from napari_segdiff.io import read_image
+from napari_segdiff.training.datasets import read_names
 from napari_segdiff.training.metrics import dice, instance_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,11 +43,7 @@ def main() -> None:
     sampling = {k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None}
     tag = "".join(f"_{k}{v}" for k, v in sampling.items())
     data = Path(a.data)
-    val = {
-        ln.strip()
-        for ln in (ROOT / "training/nuclei-he/val.txt").read_text().splitlines()
-        if ln.strip() and not ln.startswith("#")
-    }
+    val = set(read_names(ROOT / "training/nuclei-he/val.txt"))
     names = sorted(p.stem for p in (data / "instances").glob("*.png"))
     cache = Path(a.cache or ROOT / f"bench_out/{Path(a.model).stem}{tag}_maps.npz")
     maps = dict(np.load(cache)) if cache.exists() else {}

@@ -662,13 +662,12 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
     if res["runtime_now"].startswith("openvino"):
         res["openvino_profile"] = openvino_profile(model, 2 * model.meta.get("sampling", {}).get("samples", 3))
     if val_data and Path(val_data).exists():
-        from napari_segdiff.training.datasets import load_dataset
+        from napari_segdiff.training.datasets import load_dataset, read_names
         from napari_segdiff.training.metrics import all_metrics
 
         names = None
         if val_names and Path(val_names).exists():
-            lines = Path(val_names).read_text().splitlines()
-            names = {n.strip() for n in lines if n.strip() and not n.startswith("#")}
+            names = set(read_names(val_names))
         items = [s for s in load_dataset(val_data) if names is None or s.name in names]
         dice = {name: [] for name in paths}
         agree = {name: [] for name in paths if name != "before"}

@@ -327,7 +327,12 @@ def load_model(
     """A shipped model by name (checksum verified), a model file path, or a model passed through."""
     if isinstance(model, SegDiffModel):
         return model.to(device)
-    path, sha, name, reg, reg_name = _resolve(model)
+    return _load(_resolve(model), device)
+
+
+def _load(resolved: tuple, device) -> SegDiffModel:
+    """The model of a ``_resolve`` answer: its file read and checked, with the registry's facts."""
+    path, sha, name, reg, reg_name = resolved
     mdl = load_model_file(path, expected_sha256=sha, name=name, device=device)
     return _with_registry_facts(mdl, reg, reg_name) if reg else mdl
 
@@ -348,18 +353,19 @@ def shared_model(
     ``load_model`` gives a private copy."""
     if isinstance(model, SegDiffModel):
         return model.to(device)
-    path, sha, _, reg, _ = _resolve(model)
+    resolved = _resolve(model)
+    path, sha, _, reg, _ = resolved
     try:
         st = path.stat()
-    except OSError:  # load_model says what is wrong with the path
-        return load_model(model, device)
+    except OSError:  # load_model_file says what is wrong with the path
+        return _load(resolved, device)
     facts = json.dumps(reg, sort_keys=True, default=str)  # the registry's facts apply at load time
     key = (str(model), str(path.resolve()), st.st_size, st.st_mtime_ns, sha, facts, str(torch.device(device)))
     with _SHARED_LOCK:
         if key in _SHARED:
             _SHARED.move_to_end(key)
             return _SHARED[key]
-    mdl = load_model(model, device)
+    mdl = _load(resolved, device)
     with _SHARED_LOCK:
         _SHARED[key] = mdl
         while len(_SHARED) > SHARED_MODELS:

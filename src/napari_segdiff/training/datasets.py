@@ -47,6 +47,11 @@ def _stems(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXT}
 
 
+def read_names(path: str | Path) -> list[str]:
+    """The image names of a names file (``val.txt``): one per line, blank lines and ``#`` comments skipped."""
+    return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
 def load_folder(root: str | Path) -> list[Sample]:
     """``root/images/NAME.ext`` with ``root/masks/NAME.ext`` (masks 0/255 or 0/1 or labels)."""
     root = Path(root)
@@ -156,7 +161,7 @@ def split_samples(
             raise SegDiffError("no training images")
         return list(samples), []
     if isinstance(val, str) and Path(val).is_file():
-        val = [ln.strip() for ln in Path(val).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        val = read_names(val)
     elif isinstance(val, str):
         try:  # "0.2" (TrainConfig's default, and what the CLI passes) is a fraction, not a name
             val = float(val) if val.strip() not in names else [val.strip()]

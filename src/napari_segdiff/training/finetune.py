@@ -21,7 +21,7 @@ import numpy as np
 from .._errors import SegDiffError
 from ..io import _within, check_writable
 from ..models import SegDiffModel, _registry, _user_registry, load_model, register_user_model, save_model, sha256_of
-from .datasets import load_folder
+from .datasets import load_folder, read_names
 from .trainer import COLOUR_META, TrainConfig, Trainer, export
 
 #: fine-tuning recipe (the model's network and input scale are kept)
@@ -159,7 +159,7 @@ def _names(names) -> list[str] | None:
         return None
     p = Path(str(names))
     if p.is_file():
-        return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return read_names(p)
     return [n for n in str(names).split(",") if n]
 
 
