@@ -58,6 +58,27 @@ def test_segment_to_tif(files, tmp_path, capsys):
     np.testing.assert_array_equal(var, ref.variance)
 
 
+def test_table_of_objects_and_its_refusals(files, tmp_path, capsys):
+    d, model_path, tif, img = files
+    out, table = tmp_path / "out.tif", tmp_path / "objects.csv"
+    assert _run("segment", tif, "-o", out, "--model", model_path, "--table", table, *FAST) == 0
+    labels = read_result(out)["labels"]  # --table turned --instances on
+    text = table.read_text().splitlines()
+    assert text[0].startswith("label,area_px,y,x,") and "mean_variance" in text[0]
+    assert "area_um2" not in text[0]  # no pixel size given: no physical units
+    assert len(text) - 1 == labels.max()
+    before = table.read_bytes()
+    capsys.readouterr()
+    for extra, message in [
+        (["--table", table], "already exists"),  # an existing table only with --overwrite
+        (["--table", tmp_path / "o.tif"], "must end in .csv"),
+        (["--table", tif], "must end in .csv"),
+    ]:
+        assert _run("segment", tif, "-o", tmp_path / "new.tif", "--model", model_path, *extra, *FAST) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "new.tif").exists() and table.read_bytes() == before
+
+
 def test_segment_precision_flag(files, tmp_path):
     d, model_path, tif, img = files
     out = tmp_path / "out32.tif"

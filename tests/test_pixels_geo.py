@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -135,8 +136,12 @@ def test_geojson_one_polygon_per_label_in_map_coordinates(aerial, tmp_path):
         main(["segment", str(geo), "-o", str(out), "--model", str(path), "--samples", "2", "--steps", "2", "-q"]) == 0
     )
     fc = json.loads(out.read_text())
-    labels = ns.segment(img, str(path), pixel_size=0.3, instances=True, **FAST).labels
+    ref = ns.segment(img, str(path), pixel_size=0.3, instances=True, **FAST)
+    labels = ref.labels
     assert labels.max() > 0 and len(fc["features"]) == labels.max()
+    for f in fc["features"]:  # each polygon carries its object's mean variance (the model's uncertainty)
+        inside = labels == f["properties"]["id"]
+        assert f["properties"]["mean_variance"] == pytest.approx(ref.variance[inside].mean(), abs=2e-6)
     assert fc["crs"]["properties"]["name"].endswith("32737")
     xs = [x for f in fc["features"] for ring in f["geometry"]["coordinates"] for x, _ in ring]
     ys = [y for f in fc["features"] for ring in f["geometry"]["coordinates"] for _, y in ring]
@@ -144,6 +149,22 @@ def test_geojson_one_polygon_per_label_in_map_coordinates(aerial, tmp_path):
     assert min(ys) >= 9330000 - 64 * 0.3 and max(ys) <= 9330000
     areas = sorted(f["properties"]["area_px"] for f in fc["features"])
     assert areas == sorted(np.bincount(labels.ravel())[1:].tolist())
+
+
+def test_table_of_buildings_in_square_metres_from_the_geotiff(aerial, tmp_path, capsys):
+    d, path, geo, nocrs, img = aerial
+    table = tmp_path / "buildings.csv"
+    out = tmp_path / "b.tif"
+    args = ["segment", str(geo), "-o", str(out), "--model", str(path), "--samples", "2", "--steps", "2", "-q"]
+    assert main([*args, "--table", str(table)]) == 0  # --table turns --instances on
+    rows = list(csv.DictReader(table.open()))
+    labels = read_result(out)["labels"]
+    assert len(rows) == labels.max() > 0
+    counts = np.bincount(labels.ravel())[1:]
+    assert [int(r["area_px"]) for r in rows] == counts.tolist()
+    # the GeoTIFF's 0.3 m pixels: areas in square metres
+    assert [float(r["area_m2"]) for r in rows] == pytest.approx((counts * 0.09).tolist(), rel=1e-5)
+    assert str(table) in capsys.readouterr().out
 
 
 def test_geojson_refused_up_front_without_georeferencing(aerial, tmp_path, capsys):

@@ -25,6 +25,17 @@ def test_objects_ranked_by_mean_variance_inside_them():
     assert rank_objects(v, np.zeros_like(lab)) == []
 
 
+def test_objects_ranked_by_lowest_mean_probability():
+    lab = np.zeros((20, 20), np.int32)
+    lab[2:5, 2:5], lab[10:15, 10:15], lab[16:19, 1:4] = 1, 2, 3
+    prob = np.select([lab == 1, lab == 2, lab == 3], [0.9, 0.55, 0.7], 0.0)
+    var = np.where(lab == 1, 0.3, 0.01)  # the variance alone would put object 1 first
+    items = rank_objects(var, lab, top=2, probability=prob)
+    assert [it.label for it in items] == [2, 3] and items[0].score == pytest.approx(0.55)
+    with pytest.raises(SegDiffError, match="probability"):
+        rank_objects(var, lab, probability=np.zeros((3, 3)))
+
+
 def test_bad_shapes_refused():
     with pytest.raises(SegDiffError, match="2-D variance"):
         rank_tiles(np.zeros((2, 3, 4)))

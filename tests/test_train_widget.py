@@ -98,3 +98,31 @@ def test_review_lists_most_uncertain_tiles_and_jumps_to_them(make_napari_viewer)
     rv.next_button.clicked.emit()
     np.testing.assert_allclose(viewer_camera(viewer).center[-2:], (32, 224))
     assert rv.status.value.startswith("2/3")
+
+
+def test_review_ranks_objects_by_lowest_mean_probability_or_by_variance(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, rv = viewer.window.add_plugin_dock_widget("napari-segdiff", "SegDiff review")
+    lab = np.zeros((64, 64), np.int32)
+    lab[4:12, 4:12], lab[30:40, 30:40], lab[50:60, 2:12] = 1, 2, 3
+    prob = np.select([lab == 1, lab == 2, lab == 3], [0.95, 0.55, 0.7], 0.0).astype(np.float32)
+    var = np.where(lab == 1, 0.2, 0.01).astype(np.float32)
+    viewer.add_image(prob, name="x probability")
+    vl = viewer.add_image(var, name="x variance", metadata={"input": "x"})
+    ll = viewer.add_labels(lab, name="x labels")
+    rv.reset_choices()
+    rv.variance.value, rv.objects.value, rv.top.value = vl, ll, 3
+    assert rv.rank_by.value == "lowest mean probability"  # the default for objects
+    rv.list_button.clicked.emit()
+    pts = viewer.layers["x variance review"]
+    np.testing.assert_allclose(pts.data, [[35, 35], [55, 7], [8, 8]])  # objects 2, 3, 1
+    assert list(pts.features["score"]) == pytest.approx([0.55, 0.7, 0.95])
+    assert rv.status.value.startswith("1/3: mean probability 0.55")
+    rv.rank_by.value = "highest mean variance"
+    rv.list_button.clicked.emit()
+    np.testing.assert_allclose(viewer.layers["x variance review"].data[0], [8, 8])  # object 1 first
+    rv.rank_by.value = "lowest mean probability"
+    viewer.layers.remove("x probability")  # no probability layer of that run: a clear error, nothing changed
+    rv.list_button.clicked.emit()
+    assert "needs the run's probability layer 'x probability'" in rv.status.value
+    np.testing.assert_allclose(viewer.layers["x variance review"].data[0], [8, 8])

@@ -134,12 +134,24 @@ def test_rerun_updates_layers_in_place(qtbot, dock):
     assert labels.data.dtype == np.int32 and labels.data.max() == labels.metadata["objects"]
     np.testing.assert_array_equal(labels.data > 0, viewer.layers["img mask"].data > 0)
     assert f"{labels.metadata['objects']} objects" in widget.status.value
+    # one features row per object, napari's 'index' column mapping it to its label id, measured on the layers
+    feats = labels.features
+    ids, counts = np.unique(labels.data[labels.data > 0], return_counts=True)
+    assert feats["index"].tolist() == feats["label"].tolist() == ids.tolist()
+    assert feats["area_px"].tolist() == counts.tolist()
+    var = viewer.layers["img variance"].data
+    first = labels.data == ids[0]
+    assert feats["mean_variance"][0] == pytest.approx(var[first].mean(), rel=1e-5)
+    y, x = np.argwhere(first)[0]
+    assert f"area_px: {counts[0]}" in labels.get_status((y, x), world=True)["coordinates"]
     assert widget.status.native.wordWrap()  # the long status line wraps instead of widening the dock
     before = {layer.name: layer for layer in viewer.layers}
     widget.seed.value = 11
     run_and_wait(qtbot, widget)
     assert {layer.name: layer for layer in viewer.layers} == before  # same layer objects, none added
     assert viewer.layers["img mask"].metadata["seed"] == 11
+    relabelled = viewer.layers["img labels"]
+    assert relabelled.features["area_px"].sum() == (relabelled.data > 0).sum()  # the table follows the new run
     assert viewer.layers["img mask"].metadata["instances"] is True
     widget.precision.value = "fp32"  # the precision choice reaches the engine and is recorded
     run_and_wait(qtbot, widget)

@@ -216,19 +216,26 @@ class FinetuneWidget(Container):
         show_error(f"SegDiff fine-tuning: {message}")
 
 
+PROBABILITY_FIRST = "lowest mean probability"
+RANK_OBJECTS_BY = (PROBABILITY_FIRST, "highest mean variance")
+
+
 class ReviewWidget(Container):
     """List the most uncertain places of a run and jump to them in turn.
 
     Pick a run's ``variance`` layer (and, optionally, its ``labels`` layer to rank objects instead of tiles),
-    press **List**: a Points layer ``<variance> review`` marks the places, with their mean variance as the
-    ``score`` feature, highest first. **Next** / **Previous** centre the camera on each in turn, so the worst
-    places can be corrected first (then fine-tuned on)."""
+    press **List**: a Points layer ``<variance> review`` marks the places, with their score as the ``score``
+    feature: tiles by highest mean variance; objects by lowest mean probability (the run's ``<input>
+    probability`` layer; measured to point at wrong objects more often) or by highest mean variance (*rank
+    objects by*). **Next** / **Previous** centre the camera on each in turn, so the worst places can be
+    corrected first (then fine-tuned on)."""
 
     def __init__(self, napari_viewer):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self.items: list = []
         self.index = -1
+        self._score = "mean variance"
         self.variance = ComboBox(
             label="variance",
             choices=lambda _w=None: [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Image)],
@@ -239,6 +246,7 @@ class ReviewWidget(Container):
                 [("tiles (no objects)", None)] + [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Labels)]
             ),
         )
+        self.rank_by = ComboBox(label="rank objects by", choices=list(RANK_OBJECTS_BY), value=PROBABILITY_FIRST)
         self.tile = SpinBox(label="tile", value=256, min=16, max=4096, step=16)
         self.top = SpinBox(label="how many", value=10, min=1, max=1000)
         self.list_button = PushButton(text="List")
@@ -249,6 +257,7 @@ class ReviewWidget(Container):
             [
                 self.variance,
                 self.objects,
+                self.rank_by,
                 self.tile,
                 self.top,
                 self.list_button,
@@ -269,9 +278,13 @@ class ReviewWidget(Container):
         if layer is None:
             return show_error("SegDiff review: pick a variance layer")
         var = np.asarray(layer.data)
+        self._score = "mean variance"
         try:
             if self.objects.value is not None:
-                self.items = rank_objects(var, np.asarray(self.objects.value.data), int(self.top.value))
+                prob = None
+                if self.rank_by.value == PROBABILITY_FIRST:
+                    prob, self._score = np.asarray(self._probability_layer(layer).data), "mean probability"
+                self.items = rank_objects(var, np.asarray(self.objects.value.data), int(self.top.value), prob)
             else:
                 self.items = rank_tiles(var, int(self.tile.value), int(self.top.value))
         except SegDiffError as e:
@@ -298,9 +311,27 @@ class ReviewWidget(Container):
                 **kw,
             )
         self.index = -1
-        self.status.value = f"{len(self.items)} places, highest mean variance first"
+        order = "lowest mean probability" if self._score == "mean probability" else "highest mean variance"
+        self.status.value = f"{len(self.items)} places, {order} first"
         if self.items:
             self.go(+1)
+
+    def _probability_layer(self, variance_layer):
+        """The probability layer of the run that made ``variance_layer`` (named after its input)."""
+        names = []
+        meta = getattr(variance_layer, "metadata", None) or {}
+        if meta.get("input"):
+            names.append(f"{meta['input']} probability")
+        if variance_layer.name.endswith(" variance"):
+            names.append(variance_layer.name[: -len(" variance")] + " probability")
+        for n in names:
+            if n in self._viewer.layers and isinstance(self._viewer.layers[n], Image):
+                return self._viewer.layers[n]
+        want = f"'{names[0]}'" if names else "'<input> probability'"
+        raise SegDiffError(
+            f"ranking objects by mean probability needs the run's probability layer {want}; segment the image "
+            "again with SegDiff segmentation, or rank objects by highest mean variance"
+        )
 
     def go(self, step: int) -> None:
         if not self.items:
@@ -315,6 +346,6 @@ class ReviewWidget(Container):
         y0, x0, y1, x1 = it.box
         extent = max(y1 - y0, x1 - x0, 32) * float(scale.max())
         camera.zoom = 600.0 / extent  # the place fills about 600 screen pixels
-        self.status.value = f"{self.index + 1}/{len(self.items)}: mean variance {it.score:.4f}" + (
+        self.status.value = f"{self.index + 1}/{len(self.items)}: {self._score} {it.score:.4f}" + (
             f", object {it.label}" if it.label else ""
         )

@@ -23,6 +23,7 @@ from ._errors import SegDiffError
 from .config import NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig, widget_options
 from .engine import available_devices, recommended_config, tile_multiple
 from .models import SegDiffModel, list_models, load_model
+from .objects import result_table
 from .pixelsize import model_pixel_size
 from .stacks import SliceProgress, StackResult, iter_segment_stack, leading_shape
 
@@ -58,7 +59,9 @@ class SegDiffWidget(Container):
     - ``"<input> variance"``: Image (magma, additive), per-pixel variance of the samples: the model's
       uncertainty;
     - ``"<input> mask"``: Labels, probability > threshold;
-    - ``"<input> labels"``: Labels, one id per object, when *instances* is on (the status line counts them).
+    - ``"<input> labels"``: Labels, one id per object, when *instances* is on (the status line counts them);
+      its ``features`` hold one row per object (``napari_segdiff.objects``: area, centroid, axes,
+      eccentricity, mean probability and mean variance), shown for the object under the cursor.
 
     *pixel size*: 0 takes the layer's scale as the image's pixel size (in the model's unit) when the scale is
     not 1, and otherwise uses the image as it is; a value > 0 overrides it. Either way the image is resampled
@@ -411,8 +414,12 @@ class SegDiffWidget(Container):
         self._put(Labels, f"{name} mask", result.mask, meta, geo, {"opacity": 0.6})
         objects = ""
         if result.labels is not None:
-            self._put(Labels, f"{name} labels", result.labels, meta, geo, {"opacity": 0.6})
-            objects = f", {meta['objects']} objects"
+            # one row per object (area, axes, mean probability and variance): napari shows the row of the
+            # object under the cursor, and layer.features holds the table for scripts
+            table = result_table(result)
+            features = {"index": table["label"], **table}
+            self._put(Labels, f"{name} labels", result.labels, meta, geo, {"opacity": 0.6}, features)
+            objects = f", {meta['objects']} objects (hover one for its size and uncertainty)"
         if meta.get("skipped_tiles"):
             objects += f", {meta['skipped_tiles']} of {meta['tiles']} tiles empty (not sampled)"
         self.status.value = (
@@ -420,7 +427,7 @@ class SegDiffWidget(Container):
             f"{meta['seconds']:.1f} s{objects}; {target['pixel_text']}"
         )
 
-    def _put(self, kind, name: str, data, meta, geo, new_kwargs) -> None:
+    def _put(self, kind, name: str, data, meta, geo, new_kwargs, features=None) -> None:
         """Update the layer ``name`` of this kind in place, or add it."""
         layers = self._viewer.layers
         old = layers[name] if name in layers else None  # noqa: SIM401 (a LayerList has no .get)
@@ -428,8 +435,11 @@ class SegDiffWidget(Container):
             old.data = data
             old.scale, old.translate = geo["scale"], geo["translate"]
             old.metadata = dict(meta)
+            if features is not None:
+                old.features = features
             if kind is Image and name.endswith("variance"):
                 old.reset_contrast_limits()
             return
         add = self._viewer.add_labels if kind is Labels else self._viewer.add_image
-        add(data, name=name, metadata=dict(meta), **geo, **new_kwargs)
+        extra = {} if features is None else {"features": features}
+        add(data, name=name, metadata=dict(meta), **geo, **new_kwargs, **extra)

@@ -42,6 +42,7 @@ def _cmd_segment(args) -> int:
 
     inp = Path(args.input)
     out = check_output(args.output, [inp], args.overwrite)
+    table = _check_table(args, inp)
     image = read_image(inp, lazy=True, series=args.series)
     check_channels(image.shape, inp)
     meta = read_image_meta(inp)
@@ -78,7 +79,7 @@ def _cmd_segment(args) -> int:
     if args.instances:
         kw["instances"] = True
     if is_stack(image.shape):
-        return _segment_stack_cli(args, image, inp, out, client, kw)
+        return _segment_stack_cli(args, image, inp, out, client, kw, table)
     if geojson and is_stack(image.shape):
         raise SegDiffError("GeoJSON output works on 2-D images; write a stack to .tif or .zarr")
     stream = out.suffix.lower() == ".zarr"
@@ -123,6 +124,9 @@ def _cmd_segment(args) -> int:
             client.close()
     info = result.info
     extra = f", {info['objects']} objects" if "objects" in info else ""
+    if table is not None:
+        _write_table(result, table)
+        extra += f" (one row each in {table})"
     if "pixel_size" in info:
         extra += (
             f", pixel size {info['pixel_size']:g} {info['pixel_unit']} (model {info['model_pixel_size']:g} "
@@ -185,7 +189,28 @@ def is_stack(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[-1] not in (1, 3, 4) and shape[0] not in (1, 3, 4)
 
 
-def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
+def _check_table(args, inp: Path) -> Path | None:
+    """--table FILE.csv: checked before any work (never the input, an existing file only with --overwrite);
+    asking for a table of objects turns --instances on."""
+    if not args.table:
+        return None
+    from .io import check_file_output
+
+    table = check_file_output(Path(args.table), [inp], args.overwrite, (".csv",))  # -o is never a .csv
+    args.instances = True
+    return table
+
+
+def _write_table(result, table: Path) -> None:
+    """One CSV row per object (``napari_segdiff.objects``), written to a temp name, then renamed."""
+    from .io import atomic_write_bytes
+    from .objects import result_table, table_csv
+
+    text = table_csv(result_table(result))
+    atomic_write_bytes(table, lambda f: f.write(text.encode()))
+
+
+def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = None) -> int:
     from tqdm import tqdm
 
     from .engine import SegmentationResult, drain
@@ -220,7 +245,11 @@ def _segment_stack_cli(args, image, inp, out, client, kw) -> int:
             bar.close()
     result = SegmentationResult(res.probability, res.variance, res.mask, res.info, res.labels)
     write_result(result, out, overwrite=args.overwrite, inputs=(inp,))
-    print(f"wrote {out}: {res.info['slices']} slices, model {res.info['model']}, {res.info['seconds']:.1f} s")
+    extra = ""
+    if table is not None:
+        _write_table(result, table)
+        extra = f", {res.info['objects']} objects (one row each in {table})"
+    print(f"wrote {out}: {res.info['slices']} slices, model {res.info['model']}, {res.info['seconds']:.1f} s{extra}")
     return 0
 
 
@@ -267,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not use the pixel size the file records",
     )
     s.add_argument("--instances", action="store_true", help="also write instance labels (one id per object)")
+    s.add_argument(
+        "--table",
+        metavar="FILE.csv",
+        help="also write one row per object: area, centroid, axes, eccentricity, mean probability and mean "
+        "variance (the model's uncertainty about the object); physical units with a known pixel size. "
+        "Turns --instances on",
+    )
     s.add_argument("--series", type=int, default=None, help="which image series of a multi-series TIFF (default 0)")
     add_arguments(s, SamplingConfig, ("seed", "threshold"))
     add_arguments(s, TilingConfig)

@@ -70,6 +70,14 @@ class SegmentationResult:
     #: apart), which seeds its instance split; None for 1-channel models
     interior: Any = None
 
+    def objects(self) -> dict[str, np.ndarray]:
+        """One row per object of ``labels`` (:func:`napari_segdiff.objects.object_table`): area, centroid,
+        axes, eccentricity, mean probability and mean variance, in physical units where the run was given
+        the image's pixel size. Needs ``instances=True``."""
+        from .objects import result_table
+
+        return result_table(self)
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU. An explicit device that is absent is an error."""

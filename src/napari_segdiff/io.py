@@ -317,7 +317,9 @@ def write_result(
     if ext == ".geojson":
         if getattr(result, "labels", None) is None:
             raise SegDiffError("GeoJSON output holds one polygon per object: run with instances (--instances)")
-        fc = labels_to_geojson(np.asarray(result.labels), meta, result.info)
+        from .objects import result_table
+
+        fc = labels_to_geojson(np.asarray(result.labels), meta, result.info, result_table(result))
         atomic_write_bytes(out, lambda f: f.write(json.dumps(fc).encode()))
         return out
     if ext == ".zarr":
@@ -366,9 +368,12 @@ def write_result(
     raise SegDiffError(f"unknown output format {ext!r}; use .tif/.tiff, .zarr or .geojson")
 
 
-def labels_to_geojson(labels: np.ndarray, meta: ImageMeta | None, info: dict[str, Any] | None = None) -> dict:
+def labels_to_geojson(
+    labels: np.ndarray, meta: ImageMeta | None, info: dict[str, Any] | None = None, table: dict | None = None
+) -> dict:
     """One Feature per instance id (its outer boundary, holes as inner rings), in the map coordinates of a
-    georeferenced input; the CRS is named as an EPSG code."""
+    georeferenced input; the CRS is named as an EPSG code. With ``table`` (:func:`napari_segdiff.objects.
+    object_table` of the run) each polygon also carries its object's mean probability and mean variance."""
     from skimage.measure import find_contours, regionprops
 
     if meta is None or meta.transform is None:
@@ -385,6 +390,10 @@ def labels_to_geojson(labels: np.ndarray, meta: ImageMeta | None, info: dict[str
     if labels.ndim != 2:
         raise SegDiffError(f"GeoJSON output works on 2-D images; this result has shape {labels.shape}")
     x0, y0, sx, sy = meta.transform
+    scores = {}
+    for key in ("mean_probability", "mean_variance"):
+        if table is not None and key in table:
+            scores[key] = dict(zip(np.asarray(table["label"]).tolist(), np.asarray(table[key]).tolist()))
     feats = []
     for rp in regionprops(labels):
         r0, c0, r1, c1 = rp.bbox
@@ -402,7 +411,12 @@ def labels_to_geojson(labels: np.ndarray, meta: ImageMeta | None, info: dict[str
             {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": rings},
-                "properties": {"id": int(rp.label), "area_px": int(rp.area), "area": round(area_m2, 3)},
+                "properties": {
+                    "id": int(rp.label),
+                    "area_px": int(rp.area),
+                    "area": round(area_m2, 3),
+                    **{k: round(v[rp.label], 6) for k, v in scores.items()},
+                },
             }
         )
     return {

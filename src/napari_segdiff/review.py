@@ -38,20 +38,28 @@ def rank_tiles(variance, tile: int = 256, top: int = 10) -> list[ReviewItem]:
     return items[: int(top)]
 
 
-def rank_objects(variance, labels, top: int = 10) -> list[ReviewItem]:
-    """The ``top`` objects of an instance label image with the highest mean variance inside them."""
+def rank_objects(variance, labels, top: int = 10, probability=None) -> list[ReviewItem]:
+    """The ``top`` objects of an instance label image with the highest mean variance inside them, or, with
+    the run's ``probability`` map, the lowest mean probability (the object the model is least sure is one;
+    ``score`` is then that mean). Measured on held-out images, the lowest mean probability points at wrong
+    objects more often (``benchmarks/object_uncertainty.py``: among the 10% ranked first, 85% against 65%
+    wrong for nuclei, 100% against 91% for buildings)."""
     from scipy import ndimage as ndi
 
     v = np.asarray(variance, dtype=np.float64)
     lab = np.asarray(labels)
     if v.shape != lab.shape or v.ndim != 2:
         raise SegDiffError(f"variance {v.shape} and labels {lab.shape} must be the same 2-D shape")
+    if probability is not None:
+        v = np.asarray(probability, dtype=np.float64)
+        if v.shape != lab.shape:
+            raise SegDiffError(f"probability {v.shape} and labels {lab.shape} must be the same 2-D shape")
     ids = np.unique(lab[lab > 0])
     if ids.size == 0:
         return []
-    means = ndi.mean(v, lab, ids)
+    means = np.asarray(ndi.mean(v, lab, ids))
     slices = ndi.find_objects(lab.astype(np.int64))
-    order = np.argsort(-np.asarray(means))[: int(top)]
+    order = np.argsort(means if probability is not None else -means, kind="stable")[: int(top)]
     out = []
     for k in order:
         sl = slices[int(ids[k]) - 1]
