@@ -12,6 +12,9 @@ overlaps it at IoU > 0.5 (the PQ / object-F1 matching). Printed, pooled over the
 the share wrong, and the AUROC for "wrong" of the object's mean variance, of 1 - its mean probability, and of
 1 / its area (small objects are often wrong: the baseline a ranking must beat), and the share wrong among
 the 10% most uncertain objects by each of the first two.
+
+``--object-thresholds 0,0.3`` also scores the object thresholds (``segment(..., object_threshold=c)``: the
+objects with a mean probability below c dropped) with AJI, PQ, object F1 and the count error, mean over images.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 import napari_segdiff as ns
+from napari_segdiff.instances import drop_unsure
 from napari_segdiff.io import read_image
 from napari_segdiff.objects import object_table
 from napari_segdiff.training.datasets import read_names
+from napari_segdiff.training.metrics import instance_metrics
 
 
 def best_iou(gt: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -58,19 +63,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="nuclei-he")
     ap.add_argument("--data", required=True)
-    ap.add_argument("--names", required=True)
+    ap.add_argument("--names", help="file of image names (e.g. a val.txt)")
+    ap.add_argument("--place", help="instead of --names: every tile of this place (an aerial folder's tiles.csv)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     ap.add_argument("--samples", type=int, default=None, help="samples (default: the model's)")
+    ap.add_argument("--object-thresholds", default="", help="e.g. 0,0.25,0.3: score these object thresholds")
     a = ap.parse_args()
     data = Path(a.data)
-    gsd = {}
+    rows = []
     if (data / "tiles.csv").exists():
         with open(data / "tiles.csv") as f:
-            gsd = {r["file"].rsplit(".", 1)[0]: float(r["gsd_m"]) for r in csv.DictReader(f)}
+            rows = list(csv.DictReader(f))
+    gsd = {r["file"].rsplit(".", 1)[0]: float(r["gsd_m"]) for r in rows}
+    if bool(a.names) == bool(a.place):
+        raise SystemExit("give --names FILE or --place PLACE")
+    names = read_names(a.names) if a.names else [r["file"].rsplit(".", 1)[0] for r in rows if r["place"] == a.place]
     cols: dict[str, list] = {"var": [], "prob": [], "area": [], "wrong": [], "total": []}
     used = []
-    for n in read_names(a.names):
+    cuts = [float(c) for c in a.object_thresholds.split(",") if c.strip()]
+    scores: dict[float, list] = {c: [] for c in cuts}
+    for n in names:
         inst_files = list((data / "instances").glob(f"{n}.*"))
         if not inst_files:
             continue
@@ -88,6 +101,9 @@ def main() -> None:
         cols["total"].append(object_table(r.labels, pm * (1 - pm))["mean_probability"])
         cols["wrong"].append(best_iou(gt, np.asarray(r.labels), t["label"]) <= 0.5)
         used.append(n)
+        for c in cuts:  # what segment(..., object_threshold=c) returns, from the same run
+            kept = drop_unsure(np.asarray(r.labels), r.probability, c)[0] if c > 0 else np.asarray(r.labels)
+            scores[c].append(instance_metrics(gt, kept))
     v, p, area, wrong, tot = (np.concatenate(cols[k]) for k in ("var", "prob", "area", "wrong", "total"))
     k = max(1, len(v) // 10)
     top, low = np.argsort(-v)[:k], np.argsort(p)[:k]
@@ -98,6 +114,12 @@ def main() -> None:
     print(f"  1 / area {auroc(-area.astype(float), wrong):.3f}, mean p(1 - p) {auroc(tot, wrong):.3f}")
     print(f"share wrong among the 10% with the highest mean variance: {wrong[top].mean():.3f}, ")
     print(f"  with the lowest mean probability: {wrong[low].mean():.3f}")
+    for c in cuts:
+        m = {k: float(np.mean([x[k] for x in scores[c]])) for k in ("aji", "pq", "f1_50", "count_error")}
+        print(
+            f"object threshold {c:g}: AJI {m['aji']:.3f}, PQ {m['pq']:.3f}, F1 {m['f1_50']:.3f}, "
+            f"count error {m['count_error']:+.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -98,3 +98,38 @@ def test_split_instances_separates_touching_discs():
     assert labels[20, 18] != labels[20, 38] and labels[2, 55] not in (0, labels[20, 18], labels[20, 38])
     np.testing.assert_array_equal(labels > 0, mask)
     assert not split_instances(np.zeros((5, 5), bool)).any()
+
+
+def test_object_threshold_drops_unsure_objects_and_renumbers():
+    from napari_segdiff.instances import drop_unsure
+
+    lab = _box((12, 12), 0, 3, 0, 3, 1)
+    _box((12, 12), 5, 8, 5, 8, 2, lab)
+    _box((12, 12), 9, 12, 0, 4, 3, lab)
+    prob = np.select([lab == 1, lab == 2, lab == 3], [0.9, 0.25, 0.6], 0.0)
+    prob[0, 0] = 0.0  # object 1's mean: 8 * 0.9 / 9 = 0.8
+    kept, dropped = drop_unsure(lab, prob, 0.5)
+    assert dropped == 1 and kept.dtype == np.int32
+    assert kept.max() == 2 and (kept[5:8, 5:8] == 0).all()  # object 2 gone, object 3 is now 2
+    assert (kept[9:12, 0:4] == 2).all() and (kept[0:3, 0:3] == 1).all()
+    same, none = drop_unsure(lab, prob, 0.2)
+    assert none == 0 and np.array_equal(same, lab)
+
+
+def test_segment_object_threshold_keeps_the_confident_objects(tiny_model):
+    import napari_segdiff as ns
+    from napari_segdiff.objects import object_table
+
+    rng = np.random.default_rng(1)
+    img = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    kw = dict(samples=2, steps=2, tile=32, device="cpu", instances=True)
+    every = ns.segment(img, tiny_model, **kw)
+    means = object_table(every.labels, every.probability)["mean_probability"]
+    cut = float(np.median(means))
+    some = ns.segment(img, tiny_model, object_threshold=cut, **kw)
+    assert some.info["instances"]["dropped"] == int((means < cut).sum()) > 0
+    assert some.labels.max() == every.labels.max() - some.info["instances"]["dropped"]
+    assert (some.labels > 0).sum() < (every.labels > 0).sum()
+    assert ((some.labels > 0) <= (every.labels > 0)).all()  # only whole objects go
+    np.testing.assert_array_equal(some.mask, every.mask)  # the mask keeps every pixel above the threshold
+    assert object_table(some.labels, some.probability)["mean_probability"].min() >= cut

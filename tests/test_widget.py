@@ -300,5 +300,10 @@ def test_widget_ranges_and_tile_step_follow_table_and_model(make_napari_viewer):
     assert not widget.eta.native.isHidden()
     assert widget.engine_kwargs()["sampler"] == "ddim"
     assert widget.engine_kwargs()["tta"] is False
+    assert widget.object_threshold.native.isHidden()  # only with instances
+    widget.instances.value = True
+    assert not widget.object_threshold.native.isHidden()
+    widget.object_threshold.value = 0.3
+    assert widget.engine_kwargs()["object_threshold"] == pytest.approx(0.3)
     widget.tta.value = True  # the table's TTA switch reaches segment()
     assert widget.engine_kwargs()["tta"] is True

@@ -116,6 +116,9 @@ class SegDiffWidget(Container):
         self.overlap = FloatSpinBox(value=_TILING.overlap, **widget_options(TilingConfig, "overlap"))
         self.batch_size = SpinBox(value=_TILING.batch_size, **widget_options(TilingConfig, "batch_size"))
         self.threshold = FloatSpinBox(value=_SAMPLING.threshold, **widget_options(SamplingConfig, "threshold"))
+        self.object_threshold = FloatSpinBox(
+            value=_SAMPLING.object_threshold, visible=False, **widget_options(SamplingConfig, "object_threshold")
+        )
         self.device = ComboBox(
             value=_SEGMENT.device, **widget_options(SegmentConfig, "device", choices=available_devices())
         )
@@ -173,6 +176,7 @@ class SegDiffWidget(Container):
                 self.seed,
                 self.pixel_size,
                 self.instances,
+                self.object_threshold,
                 self.skip_empty,
                 self.colour_match,
                 self.run_button,
@@ -183,6 +187,7 @@ class SegDiffWidget(Container):
         self.model.changed.connect(self._on_model_change)
         self.model_file.changed.connect(self._on_model_change)
         self.sampler.changed.connect(lambda *_: setattr(self.eta, "visible", self.sampler.value == "ddim"))
+        self.instances.changed.connect(lambda *_: setattr(self.object_threshold, "visible", self.instances.value))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
 
@@ -235,6 +240,7 @@ class SegDiffWidget(Container):
         self.eta.value = rec.eta
         self.tta.value = rec.tta
         self.threshold.value = rec.threshold
+        self.object_threshold.value = rec.object_threshold
         self.overlap.value = rec_cfg.tiling.overlap
         # the tile must reach the network as a multiple of its downsampling factor: the step follows the model
         self.tile.step = tile_multiple(mdl)
@@ -270,6 +276,7 @@ class SegDiffWidget(Container):
             tta=bool(self.tta.value),
             seed=seed,
             threshold=float(self.threshold.value),
+            object_threshold=float(self.object_threshold.value),
         )
         tiling = TilingConfig(
             tile=int(self.tile.value),
@@ -285,7 +292,8 @@ class SegDiffWidget(Container):
             precision=str(self.precision.value),
             runtime=str(self.runtime.value),
         )
-        kw = {k: getattr(sampling, k) for k in ("samples", "steps", "sampler", "eta", "tta", "seed", "threshold")}
+        keys = ("samples", "steps", "sampler", "eta", "tta", "seed", "threshold", "object_threshold")
+        kw = {k: getattr(sampling, k) for k in keys}
         kw.update({k: getattr(tiling, k) for k in ("tile", "overlap", "batch_size", "skip_empty", "colour_match")})
         return dict(kw, device=cfg.device, precision=cfg.precision, runtime=cfg.runtime)
 

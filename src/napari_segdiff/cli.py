@@ -67,6 +67,7 @@ def _cmd_segment(args) -> int:
             "overlap",
             "batch_size",
             "threshold",
+            "object_threshold",
             "sampler",
             "eta",
             "tta",
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Turns --instances on",
     )
     s.add_argument("--series", type=int, default=None, help="which image series of a multi-series TIFF (default 0)")
-    add_arguments(s, SamplingConfig, ("seed", "threshold"))
+    add_arguments(s, SamplingConfig, ("seed", "threshold", "object_threshold"))
     add_arguments(s, TilingConfig)
     add_arguments(s, SegmentConfig, model_defaults=False)
     s.add_argument("--scheduler", help="dask.distributed scheduler address: spread tiles over its workers")

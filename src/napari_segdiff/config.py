@@ -316,6 +316,15 @@ class SamplingConfig:
     )
     seed: int | None = param(0, "random seed of the sampling noise", min=0, max=2**63 - 1, step=1, none="a random seed")
     threshold: float = param(0.5, "mask = probability > threshold", min=0.0, max=1.0, step=0.05)
+    object_threshold: float = param(
+        0.0,
+        "instances: drop objects whose mean probability is below this (0 keeps every object; the mask keeps "
+        "every pixel above the threshold)",
+        min=0.0,
+        max=1.0,
+        step=0.05,
+        label="object threshold",
+    )
 
     def __post_init__(self) -> None:
         _check_table(self)

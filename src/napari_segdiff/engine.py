@@ -429,6 +429,7 @@ def iter_segment(
     tta: bool | None = None,
     seed: int | None = DEFAULT,
     threshold: float | None = None,
+    object_threshold: float | None = None,
     tile: int | None = None,
     overlap: float | None = None,
     batch_size: int | None = None,
@@ -458,7 +459,8 @@ def iter_segment(
     resized to the model's native pixel size (``model.meta['pixel_size']``) and the outputs back, so they
     stay on the image's grid; the default tile is then the model's tile in its own pixels. ``instances``
     adds ``result.labels`` (int32 ids, 0 = background) by the model's instance method
-    (``meta['instances']``; connected components by default).
+    (``meta['instances']``; connected components by default); ``object_threshold`` then drops the objects
+    whose mean probability is below it (``info['instances']['dropped']`` counts them).
 
     ``skip_empty`` (default on) gives tiles that need no model probability 0 and variance 0 without sampling
     them: fully transparent tiles of an RGBA image, uniform tiles (nodata fill) and, for a model whose file
@@ -484,7 +486,9 @@ def iter_segment(
     rt = resolve_runtime(runtime or cfg.runtime, dev) if client is None else None
     s_over = {
         k: v
-        for k, v in dict(samples=samples, sampler=sampler, eta=eta, tta=tta, threshold=threshold).items()
+        for k, v in dict(
+            samples=samples, sampler=sampler, eta=eta, tta=tta, threshold=threshold, object_threshold=object_threshold
+        ).items()
         if v is not None
     }
     if steps is not DEFAULT:
@@ -655,6 +659,11 @@ def iter_segment(
         labels, info["instances"] = _instances(
             mdl, np.asarray(mask[:]), factor, None if interior is None else np.asarray(interior[:])
         )
+        if sampling.object_threshold > 0:
+            from .instances import drop_unsure
+
+            labels, dropped = drop_unsure(labels, prob, sampling.object_threshold)
+            info["instances"].update(object_threshold=sampling.object_threshold, dropped=dropped)
         info["objects"] = int(labels.max())
         if out is not None:
             labels = _write_labels(prob, labels, tiling.tile)
@@ -761,7 +770,7 @@ def recommended_config(mdl: SegDiffModel) -> SegmentConfig:
     """The settings ``segment()`` uses for a model when none are given: the sampling (and tiling)
     recommended in its file's metadata (measured for the shipped models), else the config defaults."""
     rec = mdl.meta.get("sampling") or {}
-    keys = ("samples", "steps", "sampler", "eta", "tta", "threshold")
+    keys = ("samples", "steps", "sampler", "eta", "tta", "threshold", "object_threshold")
     sampling = SamplingConfig(**{k: v for k, v in rec.items() if k in keys})
     trec = mdl.meta.get("tiling") or {}
     tiling = TilingConfig(**{k: v for k, v in trec.items() if k in ("tile", "overlap", "batch_size")})

@@ -125,3 +125,22 @@ def label_instances(
         markers = label(h_maxima(smooth, H_MAXIMA if h is None else float(h)) & mask).astype(np.int32)
     labels = watershed(-distance, markers, mask=mask).astype(np.int32)
     return _finish(labels, mask, components, min_area)
+
+
+def drop_unsure(labels: np.ndarray, probability, min_mean: float) -> tuple[np.ndarray, int]:
+    """``labels`` without the objects whose mean ``probability`` is below ``min_mean``, renumbered 1..n (the
+    object threshold of StarDist and cellpose, on the mean of the samples); and how many were dropped.
+    ``probability`` may be a zarr array: it is read a block of rows at a time."""
+    from skimage.segmentation import relabel_sequential
+
+    from .objects import object_table
+
+    t = object_table(labels, probability=probability)
+    unsure = t["label"][t["mean_probability"] < float(min_mean)]
+    if unsure.size == 0:
+        return labels, 0
+    lut = np.ones(int(labels.max()) + 1, bool)
+    lut[unsure] = False
+    lut[0] = False
+    kept = np.where(lut[labels], labels, 0)
+    return relabel_sequential(kept)[0].astype(np.int32), int(unsure.size)
