@@ -123,7 +123,7 @@ def test_run_adds_three_layers_with_input_geometry_and_metadata(qtbot, dock):
     assert seen and seen[-1].done == seen[-1].total == ref.info["tiles"]
 
 
-def test_rerun_updates_layers_in_place(qtbot, dock):
+def test_rerun_updates_layers_in_place(qtbot, dock, tmp_path, monkeypatch):
     viewer, widget = dock()
     viewer.add_image(rgb_image(), name="img", rgb=True)
     run_and_wait(qtbot, widget)
@@ -144,6 +144,19 @@ def test_rerun_updates_layers_in_place(qtbot, dock):
     assert feats["mean_variance"][0] == pytest.approx(var[first].mean(), rel=1e-5)
     y, x = np.argwhere(first)[0]
     assert f"area_px: {counts[0]}" in labels.get_status((y, x), world=True)["coordinates"]
+    # the table saved as CSV, by name or through the file dialog (a path without .csv gets it)
+    assert not widget.save_table_button.native.isHidden()
+    import csv
+
+    out = widget.save_table(str(tmp_path / "nuclei"))
+    assert out == tmp_path / "nuclei.csv" and "saved" in widget.status.value
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["area_px"]) for r in rows] == counts.tolist()
+    from qtpy.QtWidgets import QFileDialog
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "picked.csv"), ""))
+    widget.save_table_button.clicked.emit()
+    assert (tmp_path / "picked.csv").read_text() == out.read_text()
     assert widget.status.native.wordWrap()  # the long status line wraps instead of widening the dock
     before = {layer.name: layer for layer in viewer.layers}
     widget.seed.value = 11

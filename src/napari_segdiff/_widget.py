@@ -87,6 +87,7 @@ class SegDiffWidget(Container):
         self._in_memory: list[str] = []  # entries added by set_model
         self._worker = None
         self._pbar: progress | None = None
+        self._table: tuple[str, dict] | None = None  # the last run's objects: (input name, table)
         self._build()
         self._on_model_change()
         LIVE_WIDGETS.add(self)
@@ -154,6 +155,12 @@ class SegDiffWidget(Container):
         self.colour_match = CheckBox(text=opts["label"], value=_TILING.colour_match, tooltip=opts["tooltip"])
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.save_table_button = PushButton(
+            text="Save objects table (CSV)...",
+            visible=False,
+            tooltip="One row per object of the last run with instances: area, centroid, axes, eccentricity, mean "
+            "probability and mean variance",
+        )
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # a long status wraps instead of widening the dock
         self.extend(
@@ -181,6 +188,7 @@ class SegDiffWidget(Container):
                 self.colour_match,
                 self.run_button,
                 self.cancel_button,
+                self.save_table_button,
                 self.status,
             ]
         )
@@ -190,6 +198,7 @@ class SegDiffWidget(Container):
         self.instances.changed.connect(lambda *_: setattr(self.object_threshold, "visible", self.instances.value))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
+        self.save_table_button.changed.connect(lambda *_: self.save_table())
 
     def _image_layers(self, _widget=None) -> list[tuple[str, Image]]:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
@@ -421,19 +430,54 @@ class SegDiffWidget(Container):
         self._put(Image, f"{name} variance", result.variance, meta, geo, {"colormap": "magma", "blending": "additive"})
         self._put(Labels, f"{name} mask", result.mask, meta, geo, {"opacity": 0.6})
         objects = ""
+        self._table = None
         if result.labels is not None:
             # one row per object (area, axes, mean probability and variance): napari shows the row of the
             # object under the cursor, and layer.features holds the table for scripts
             table = result_table(result)
+            self._table = (name, table)
             features = {"index": table["label"], **table}
             self._put(Labels, f"{name} labels", result.labels, meta, geo, {"opacity": 0.6}, features)
             objects = f", {meta['objects']} objects (hover one for its size and uncertainty)"
+        self.save_table_button.visible = result.labels is not None
         if meta.get("skipped_tiles"):
             objects += f", {meta['skipped_tiles']} of {meta['tiles']} tiles empty (not sampled)"
         self.status.value = (
             f"done: {meta['model']}, {meta['samples']} samples x {meta['steps']} steps, "
             f"{meta['seconds']:.1f} s{objects}; {target['pixel_text']}"
         )
+
+    def save_table(self, path: str | None = None):
+        """Write the last run's object table (one CSV row per object) to ``path``, or ask where (a file dialog);
+        a name without ``.csv`` gets it, so an image is never written over. Returns the path written, or None."""
+        from pathlib import Path
+
+        from .io import atomic_write_bytes
+        from .objects import table_csv
+
+        if self._table is None:
+            self.status.value = "no objects to save: run with instances first"
+            return None
+        name, table = self._table
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            path, _ = QFileDialog.getSaveFileName(
+                self.native, "Save objects table", f"{name} objects.csv", "CSV (*.csv)"
+            )
+            if not path:
+                return None
+        out = Path(path)
+        if out.suffix.lower() != ".csv":
+            out = out.with_name(out.name + ".csv")
+        text = table_csv(table)
+        try:
+            atomic_write_bytes(out, lambda f: f.write(text.encode()))
+        except OSError as e:
+            self.status.value = f"not saved: {e}"
+            return None
+        self.status.value = f"saved {len(table['label'])} objects of {name} to {out}"
+        return out
 
     def _put(self, kind, name: str, data, meta, geo, new_kwargs, features=None) -> None:
         """Update the layer ``name`` of this kind in place, or add it."""
