@@ -67,6 +67,10 @@ def test_table_of_objects_and_its_refusals(files, tmp_path, capsys):
     assert text[0].startswith("label,area_px,y,x,") and "mean_variance" in text[0]
     assert "area_um2" not in text[0]  # no pixel size given: no physical units
     assert len(text) - 1 == labels.max()
+    # a streamed .zarr output: the table is measured before the store takes its final name
+    zt = tmp_path / "z.csv"
+    assert _run("segment", tif, "-o", tmp_path / "out.zarr", "--model", model_path, "--table", zt, *FAST) == 0
+    assert zt.read_text() == table.read_text()
     before = table.read_bytes()
     capsys.readouterr()
     for extra, message in [

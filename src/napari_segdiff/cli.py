@@ -104,6 +104,8 @@ def _cmd_segment(args) -> int:
         result = drain(items, SegmentationResult, on_progress=show)
         if bar is not None:
             bar.close()
+        # measured now: a streamed result's arrays live in the temp store until it is renamed
+        table_text = _table_text(result) if table is not None else None
         if stream:
             import zarr
 
@@ -126,7 +128,7 @@ def _cmd_segment(args) -> int:
     info = result.info
     extra = f", {info['objects']} objects" if "objects" in info else ""
     if table is not None:
-        _write_table(result, table)
+        _write_text(table, table_text)
         extra += f" (one row each in {table})"
     if "pixel_size" in info:
         extra += (
@@ -202,13 +204,18 @@ def _check_table(args, inp: Path) -> Path | None:
     return table
 
 
-def _write_table(result, table: Path) -> None:
-    """One CSV row per object (``napari_segdiff.objects``), written to a temp name, then renamed."""
-    from .io import atomic_write_bytes
+def _table_text(result) -> str:
+    """One CSV row per object (``napari_segdiff.objects``)."""
     from .objects import result_table, table_csv
 
-    text = table_csv(result_table(result))
-    atomic_write_bytes(table, lambda f: f.write(text.encode()))
+    return table_csv(result_table(result))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Written to a temp name, then renamed."""
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = None) -> int:
@@ -248,7 +255,7 @@ def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = N
     write_result(result, out, overwrite=args.overwrite, inputs=(inp,))
     extra = ""
     if table is not None:
-        _write_table(result, table)
+        _write_text(table, _table_text(result))
         extra = f", {res.info['objects']} objects (one row each in {table})"
     print(f"wrote {out}: {res.info['slices']} slices, model {res.info['model']}, {res.info['seconds']:.1f} s{extra}")
     return 0
