@@ -30,20 +30,14 @@ from napari_segdiff.instances import drop_unsure
 from napari_segdiff.io import read_image
 from napari_segdiff.objects import object_table
 from napari_segdiff.training.datasets import read_names
-from napari_segdiff.training.metrics import instance_metrics
+from napari_segdiff.training.metrics import _overlaps, instance_metrics
 
 
 def best_iou(gt: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """For each predicted id in ``ids``: its highest IoU with any annotated object."""
-    g, p = gt.astype(np.int64).ravel(), labels.astype(np.int64).ravel()
-    ga, pa = np.bincount(g), np.bincount(p, minlength=int(ids.max(initial=0)) + 1)
-    both = (g > 0) & (p > 0)
-    k = int(p.max(initial=0)) + 1
-    pairs, inter = np.unique(g[both] * k + p[both], return_counts=True)
-    gi, pi = pairs // k, pairs % k
-    iou = inter / (ga[gi] + pa[pi] - inter)
-    best = np.zeros(k)
-    np.maximum.at(best, pi, iou)
+    gi, pi, inter, ga, pa = _overlaps(gt, labels)  # every overlapping (annotated, predicted) pair
+    best = np.zeros(max(len(pa), int(ids.max(initial=0)) + 1))
+    np.maximum.at(best, pi, inter / (ga[gi] + pa[pi] - inter))
     return best[ids]
 
 

@@ -23,7 +23,7 @@ from ._errors import SegDiffError
 from .config import NetworkConfig, SamplingConfig, SegmentConfig, TilingConfig, widget_options
 from .engine import available_devices, recommended_config, tile_multiple
 from .models import SegDiffModel, list_models, load_model
-from .objects import result_table
+from .objects import result_table, write_csv
 from .pixelsize import model_pixel_size
 from .stacks import SliceProgress, StackResult, iter_segment_stack, leading_shape
 
@@ -452,9 +452,6 @@ class SegDiffWidget(Container):
         a name without ``.csv`` gets it, so an image is never written over. Returns the path written, or None."""
         from pathlib import Path
 
-        from .io import atomic_write_bytes
-        from .objects import table_csv
-
         if self._table is None:
             self.status.value = "no objects to save: run with instances first"
             return None
@@ -470,9 +467,8 @@ class SegDiffWidget(Container):
         out = Path(path)
         if out.suffix.lower() != ".csv":
             out = out.with_name(out.name + ".csv")
-        text = table_csv(table)
         try:
-            atomic_write_bytes(out, lambda f: f.write(text.encode()))
+            write_csv(out, table)
         except OSError as e:
             self.status.value = f"not saved: {e}"
             return None

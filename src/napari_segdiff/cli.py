@@ -20,6 +20,7 @@ import numpy as np
 
 from ._errors import SegDiffError
 from .config import SamplingConfig, SegmentConfig, TilingConfig, add_arguments
+from .objects import result_table, write_csv
 
 
 def cmd_segment(args) -> int:
@@ -105,7 +106,7 @@ def _cmd_segment(args) -> int:
         if bar is not None:
             bar.close()
         # measured now: a streamed result's arrays live in the temp store until it is renamed
-        table_text = _table_text(result) if table is not None else None
+        rows = result_table(result) if table is not None else None
         if stream:
             import zarr
 
@@ -128,7 +129,7 @@ def _cmd_segment(args) -> int:
     info = result.info
     extra = f", {info['objects']} objects" if "objects" in info else ""
     if table is not None:
-        _write_text(table, table_text)
+        write_csv(table, rows)
         extra += f" (one row each in {table})"
     if "pixel_size" in info:
         extra += (
@@ -204,20 +205,6 @@ def _check_table(args, inp: Path) -> Path | None:
     return table
 
 
-def _table_text(result) -> str:
-    """One CSV row per object (``napari_segdiff.objects``)."""
-    from .objects import result_table, table_csv
-
-    return table_csv(result_table(result))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Written to a temp name, then renamed."""
-    from .io import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
-
-
 def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = None) -> int:
     from tqdm import tqdm
 
@@ -255,7 +242,7 @@ def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = N
     write_result(result, out, overwrite=args.overwrite, inputs=(inp,))
     extra = ""
     if table is not None:
-        _write_text(table, _table_text(result))
+        write_csv(table, result_table(result))
         extra = f", {res.info['objects']} objects (one row each in {table})"
     print(f"wrote {out}: {res.info['slices']} slices, model {res.info['model']}, {res.info['seconds']:.1f} s{extra}")
     return 0

@@ -38,7 +38,8 @@ def object_table(
       ``minor_axis_<unit>``, ``equivalent_diameter_<unit>``;
     - with ``probability``: ``mean_probability``, the mean of the samples' mean over the object's pixels;
     - with ``variance``: ``mean_variance``, the mean per-pixel variance of the samples over the object: the
-      model's uncertainty about this object (rank by it to review the doubtful ones first).
+      model's uncertainty about this object (to review the doubtful objects first, the lowest
+      ``mean_probability`` is the measured better order: :func:`napari_segdiff.review.rank_objects`).
     """
     lab = np.asarray(labels)
     if lab.ndim < 2:
@@ -142,3 +143,11 @@ def table_csv(table: Mapping[str, Any]) -> str:
     for row in zip(*arrays):
         w.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else int(v) for v in row])
     return buf.getvalue()
+
+
+def write_csv(path, table: Mapping[str, Any]) -> None:
+    """:func:`table_csv` written to a temp name beside ``path``, then renamed."""
+    from .io import atomic_write_bytes
+
+    text = table_csv(table)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))

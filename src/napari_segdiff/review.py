@@ -46,18 +46,17 @@ def rank_objects(variance, labels, top: int = 10, probability=None) -> list[Revi
     wrong for nuclei, 100% against 91% for buildings)."""
     from scipy import ndimage as ndi
 
+    from .objects import object_table
+
     v = np.asarray(variance, dtype=np.float64)
     lab = np.asarray(labels)
     if v.shape != lab.shape or v.ndim != 2:
         raise SegDiffError(f"variance {v.shape} and labels {lab.shape} must be the same 2-D shape")
-    if probability is not None:
-        v = np.asarray(probability, dtype=np.float64)
-        if v.shape != lab.shape:
-            raise SegDiffError(f"probability {v.shape} and labels {lab.shape} must be the same 2-D shape")
-    ids = np.unique(lab[lab > 0])
+    t = object_table(lab, probability=probability, variance=v)  # refuses a probability of another shape
+    ids = t["label"]
     if ids.size == 0:
         return []
-    means = np.asarray(ndi.mean(v, lab, ids))
+    means = t["mean_probability"] if probability is not None else t["mean_variance"]
     slices = ndi.find_objects(lab.astype(np.int64))
     order = np.argsort(means if probability is not None else -means, kind="stable")[: int(top)]
     out = []
