@@ -389,3 +389,28 @@ def test_recipe_switches_take_true_or_false_and_nothing_else(capsys):
     assert "expected true or false" in capsys.readouterr().err
     with pytest.raises(SegDiffError, match="colour_norm must be true or false"):
         TrainConfig(colour_norm="false")
+
+
+def test_warm_start_may_change_the_input_scale_and_nothing_else(tmp_path):
+    from _helpers import tiny_model
+
+    from napari_segdiff.models import save_model
+
+    base = tiny_model(seed=3)
+    p = tmp_path / "base.pt"
+    save_model(base.net, p, half=False, meta={"name": "base"})
+    samples = _discs(2, size=64)
+    tr = Trainer(_cfg(tmp_path / "run", init=str(p), net={"input_scale": 0.5}), samples=samples)
+    assert tr.net_cfg.input_scale == 0.5 and base.config.input_scale == 1.0
+    assert tr.net_cfg == dataclasses.replace(base.config, input_scale=0.5)
+    # the weights are the warm start's; the data the network sees is resized by the new scale
+    for k, v in base.net.state_dict().items():
+        assert torch.equal(tr.net.state_dict()[k], v), k
+    assert tr.train_set[0].image.shape[:2] == (32, 32)
+    with pytest.raises(SegDiffError, match="base_channels"):
+        Trainer(_cfg(tmp_path / "r2", init=str(p), net={"base_channels": 64}), samples=samples)
+    for bad in ("half", True):
+        with pytest.raises(SegDiffError, match="input_scale must be a number"):
+            Trainer(_cfg(tmp_path / "r3", init=str(p), net={"input_scale": bad}), samples=samples)
+    with pytest.raises(ValueError, match="input_scale must be in"):
+        Trainer(_cfg(tmp_path / "r4", init=str(p), net={"input_scale": 9.0}), samples=samples)

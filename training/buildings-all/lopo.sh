@@ -6,6 +6,8 @@
 #   AUGMENT="aerial-shift,jpeg=0" TAG=nojpeg bash training/buildings-all/lopo.sh Kampala 1200   (an ablation)
 #   COLOUR_NORM=1 TAG=cnorm bash training/buildings-all/lopo.sh Kampala 1200   (train and segment on images
 #       moved to the training images' mean Lab statistics: TrainConfig.colour_norm)
+#   SCALE=0.25 TAG=s025 bash training/buildings-all/lopo.sh Kampala 1200   (the network sees the tiles resized by
+#       0.25 instead of the recipe's 0.5: the input-scale ablation)
 #   COLOUR_MATCH=0 TAG=raw bash training/buildings-all/lopo.sh Kampala 1200   (no colour matching at segment time;
 #       by default the model file records its training tiles' colours and the share 0.5, as buildings-all does)
 #
@@ -24,7 +26,7 @@ TAG=${TAG:-${INIT}}
 RUN=runs/lopo-${PLACE,,}${TAG:+-$TAG}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$RUN/data/images" "$RUN/data/masks"
-"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" "$AUGMENT" "${COLOUR_NORM:-}" <<'PYEOF'
+"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" "$AUGMENT" "${COLOUR_NORM:-}" "${SCALE:-}" <<'PYEOF'
 import csv, json, os, sys
 from pathlib import Path
 place, data, run = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3])
@@ -51,6 +53,8 @@ if sys.argv[5]:
     recipe["augment"] = sys.argv[5]
 if sys.argv[6] not in ("", "0"):
     recipe["colour_norm"] = True
+if sys.argv[7]:
+    recipe.setdefault("net", {})["input_scale"] = float(sys.argv[7])
 (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 print(f"{place}: {len(keep)} tiles of the other places ({len(val)} of them validation)")
 PYEOF

@@ -129,11 +129,17 @@ class TrainConfig:
                         "model can be widened (net mask_channels)"
                     )  # a 1-channel model is widened: see network.widen_mask_channels
                 cfg = dataclasses.replace(cfg, mask_channels=int(self.net["mask_channels"]))
+            # input_scale only resizes the data the weights see, so a warm start may change it
+            if "input_scale" in self.net:
+                scale = self.net["input_scale"]
+                if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                    raise SegDiffError(f"net input_scale must be a number, got {scale!r}")
+                cfg = dataclasses.replace(cfg, input_scale=float(scale))
             clash = {k: v for k, v in self.net.items() if getattr(cfg, k, None) != v}
             if clash:
                 raise SegDiffError(
                     f"net overrides {clash} disagree with the network of init model {self.init!r}; "
-                    "a warm start keeps the model's network: drop them or drop init"
+                    "a warm start keeps the model's network (input_scale may change): drop them or drop init"
                 )
             return cfg
         if not isinstance(self.net, dict):
