@@ -35,6 +35,10 @@
            process: seconds, peak RSS, IoU and the building count.
 13. repeat: a script segmenting image after image by name: segment(img, "nuclei-he") (the model kept after its
            first load) against load_model + segment each time, interleaved, the 512x512 sample (median of 5).
+14. labels: instance labels of a large mask (the aerial sample scene's building mask tiled to 4096 and 8192
+           px) by buildings-all's h-maxima split, the whole image at once against a block of connected
+           components at a time (the default), each in a fresh process: seconds, peak RSS, and how far the two
+           splits agree (AJI, object F1 and SQ of one against the other).
 """
 
 from __future__ import annotations
@@ -608,6 +612,62 @@ def bench_scene() -> dict:
     return row
 
 
+# ---------------------------------------------------------------------------------------- 14. labels
+LABELS_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+from importlib.resources import files
+from skimage.io import imread
+from napari_segdiff.instances import label_instances
+size, block, dest = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+d = files("napari_segdiff.sample_data")
+tile = np.asarray(imread(str(d / "buildings_scene_mask.png"))) > 0
+reps = -(-size // tile.shape[0])
+mask = np.tile(tile, (reps, reps))[:size, :size]
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+lab = label_instances(mask, method="hmaxima", h=6, min_area=90, block=None if block == "none" else int(block))
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+np.save(dest, lab)
+print(json.dumps({"size": size, "block": block, "seconds": dt, "peak_rss_mb": peak, "rss_before_mb": r0 / 1024,
+                  "objects": int(lab.max())}))
+"""
+
+
+def bench_labels(sizes, block: int | None = None) -> list[dict]:
+    """h-maxima instance labels of the tiled sample scene's mask, whole against by blocks (fresh processes)."""
+    import tempfile
+
+    from napari_segdiff.instances import BLOCK
+    from napari_segdiff.training.metrics import instance_metrics
+
+    block = block or BLOCK
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            runs = {}
+            for b in ("none", str(block)):
+                dest = os.path.join(tmp, f"{size}-{b}.npy")
+                out = subprocess.run(
+                    [sys.executable, "-c", LABELS_CHILD, str(size), b, dest], capture_output=True, text=True, check=True
+                )
+                runs[b] = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"  labels {size} block {b}: {runs[b]}", flush=True)
+            m = instance_metrics(np.load(os.path.join(tmp, f"{size}-none.npy")), np.load(dest))
+            rows.append(
+                {
+                    "size": size,
+                    "whole": runs["none"],
+                    "blocks": runs[str(block)],
+                    "aji": m["aji"],
+                    "f1_50": m["f1_50"],
+                    "sq": m["sq"],
+                }
+            )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- 11. speedup
 #: nuclei-he's sampling when the speed work began (its defaults now: 3 x 1, model card)
 BEFORE_SAMPLING = {"samples": 3, "steps": 2}
@@ -741,7 +801,10 @@ def _with(ctx, fn, *args, **kw):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    p.add_argument("--only", default="tile,images,scale,flops,bf16,train,compile,attention,skip,speedup,scene,repeat")
+    p.add_argument(
+        "--only", default="tile,images,scale,flops,bf16,train,compile,attention,skip,speedup,scene,repeat,labels"
+    )
+    p.add_argument("--label-sizes", default="4096,8192", help="mask sizes for the labels part")
     p.add_argument("--sizes", default="512,1000,4096", help="image sizes for the images part")
     p.add_argument(
         "--tile-models",
@@ -803,6 +866,10 @@ def main(argv=None) -> int:
         res["scene"] = bench_scene()
     if "repeat" in parts:
         res["repeat"] = bench_repeat()
+    if "labels" in parts:
+        res["labels"] = bench_labels(
+            [1024] if args.quick else [int(v) for v in args.label_sizes.split(",")], block=512 if args.quick else None
+        )
     if "speedup" in parts:
         res["speedup"] = bench_speedup(
             model, [int(v) for v in args.speedup_sizes.split(",")], args.val_data, args.val_names
@@ -898,6 +965,17 @@ def print_table(res: dict) -> None:
             f"aerial sample scene {r['size']}x{r['size']} ({r['model']}, {r['runtime']}, threshold {r['threshold']}, "
             f"instances): {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, IoU {r['iou']:.3f}, "
             f"{r['buildings_found']} buildings found ({r['buildings_marked']} marked)"
+        )
+    for r in res.get("labels", []):
+        w, b = r["whole"], r["blocks"]
+        grow_w, grow_b = (x["peak_rss_mb"] - x["rss_before_mb"] for x in (w, b))
+        print(
+            f"instance labels (h-maxima) of a {r['size']}x{r['size']} building mask: whole {w['seconds']:.1f} s, "
+            f"peak RSS {w['peak_rss_mb']:.0f} MB (+{grow_w:.0f} MB for the labelling); by blocks of {b['block']} "
+            f"{b['seconds']:.1f} s, peak RSS {b['peak_rss_mb']:.0f} MB (+{grow_b:.0f} MB): "
+            f"x{w['seconds'] / b['seconds']:.2f} the speed, x{grow_w / max(grow_b, 1):.2f} less memory for the "
+            f"labelling; {w['objects']} / {b['objects']} objects, "
+            f"agreement AJI {r['aji']:.4f}, F1 {r['f1_50']:.4f}, SQ {r['sq']:.4f}"
         )
     if "repeat" in res:
         r = res["repeat"]

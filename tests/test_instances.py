@@ -133,3 +133,66 @@ def test_segment_object_threshold_keeps_the_confident_objects(tiny_model):
     assert ((some.labels > 0) <= (every.labels > 0)).all()  # only whole objects go
     np.testing.assert_array_equal(some.mask, every.mask)  # the mask keeps every pixel above the threshold
     assert object_table(some.labels, some.probability)["mean_probability"].min() >= cut
+
+
+def _pairs_of_discs(shape=(300, 340), n=40, seed=0):
+    """Pairs of touching discs of unequal radius scattered over ``shape`` (some across any block line), a long
+    bar across three blocks, and lone discs: a mask whose right split is two objects per pair."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    mask = np.zeros(shape, bool)
+    for _ in range(n):
+        y, x = rng.uniform(12, shape[0] - 12), rng.uniform(12, shape[1] - 30)
+        r1, r2 = rng.uniform(5, 9), rng.uniform(5, 9)
+        mask |= (yy - y) ** 2 + (xx - x) ** 2 <= r1**2
+        mask |= (yy - y) ** 2 + (xx - x - 0.85 * (r1 + r2)) ** 2 <= r2**2
+    mask[150:154, 5:330] = True  # one object on three blocks of 128
+    return mask
+
+
+@pytest.mark.parametrize("method", ["components", "watershed", "hmaxima", "interior", "interior_peaks"])
+def test_labelling_by_blocks_gives_the_whole_image_split(method):
+    from scipy import ndimage as ndi
+
+    mask = _pairs_of_discs()
+    whole_comp = label_instances(mask, method="components", block=None)
+    interior = None
+    if method.startswith("interior"):  # the mask eroded apart at the waists, as a 2-channel model draws it
+        interior = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0).astype(np.float32) / 4
+    kw = {"interior": interior, "min_area": 10} if interior is not None else {"min_area": 10}
+    whole = label_instances(mask, method=method, block=None, **kw)
+    for block in (128, 64):
+        parts = label_instances(mask, method=method, block=block, **kw)
+        assert parts.dtype == np.int32
+        assert set(np.unique(parts)) == set(range(parts.max() + 1))  # numbered 1..n without gaps
+        np.testing.assert_array_equal(parts > 0, whole > 0)
+        m = instance_metrics(whole, parts)
+        assert m["n_pred"] == m["n_true"] and m["aji"] > 0.98, (method, block, m)
+        if method == "components":
+            assert m["aji"] == 1.0 and parts.max() == whole_comp.max()
+        # the bar across three blocks is split as in the whole image (one object by its components)
+        bar = (slice(150, 154), slice(5, 330))
+        assert len(np.unique(parts[bar])) == len(np.unique(whole[bar]))
+        assert method != "components" or len(np.unique(parts[bar])) == 1
+    assert whole.max() > whole_comp.max() or method == "components"  # the test's pairs really are split
+
+
+def test_a_bad_block_is_refused():
+    with pytest.raises(SegDiffError, match="block must be at least 16"):
+        label_instances(np.ones((40, 40), bool), block=8)
+
+
+def test_a_zarr_interior_is_read_by_blocks_with_the_same_result():
+    import zarr
+    from scipy import ndimage as ndi
+
+    mask = _pairs_of_discs(n=20)
+    interior = (ndi.distance_transform_edt(mask) / 4).astype(np.float32)
+    z = zarr.zeros(mask.shape, chunks=(64, 64), dtype="f4")
+    z[:] = interior
+    kw = {"method": "interior_peaks", "h": 0.1, "seed_threshold": 0.3}
+    np.testing.assert_array_equal(
+        label_instances(mask, interior=z, block=96, **kw), label_instances(mask, interior=interior, block=96, **kw)
+    )
+    with pytest.raises(SegDiffError, match="differ in shape"):
+        label_instances(mask, interior=z[:100], block=96, **kw)

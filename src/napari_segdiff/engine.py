@@ -657,7 +657,10 @@ def iter_segment(
     labels = None
     if instances:
         labels, info["instances"] = _instances(
-            mdl, np.asarray(mask[:]), factor, None if interior is None else np.asarray(interior[:])
+            mdl,
+            np.asarray(mask[:]),
+            factor,
+            interior,  # interior: numpy or zarr, read by blocks
         )
         if sampling.object_threshold > 0:
             from .instances import drop_unsure
