@@ -8,6 +8,9 @@
 #       moved to the training images' mean Lab statistics: TrainConfig.colour_norm)
 #   SCALE=0.25 TAG=s025 bash training/buildings-all/lopo.sh Kampala 1200   (the network sees the tiles resized by
 #       0.25 instead of the recipe's 0.5: the input-scale ablation)
+#   PRESET=cpu-medium TAG=medium bash training/buildings-all/lopo.sh Kampala 1200   (random weights of another
+#       network preset at the recipe's image size and input scale: the width ablation; PRESET=cpu-small is the
+#       recipe's own network from random weights, as INIT=none)
 #   COLOUR_MATCH=0 TAG=raw bash training/buildings-all/lopo.sh Kampala 1200   (no colour matching at segment time;
 #       by default the model file records its training tiles' colours and the share 0.5, as buildings-all does)
 #
@@ -26,7 +29,7 @@ TAG=${TAG:-${INIT}}
 RUN=runs/lopo-${PLACE,,}${TAG:+-$TAG}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$RUN/data/images" "$RUN/data/masks"
-"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" "$AUGMENT" "${COLOUR_NORM:-}" "${SCALE:-}" <<'PYEOF'
+"$PY" - "$PLACE" "$DATA" "$RUN" "$INIT" "$AUGMENT" "${COLOUR_NORM:-}" "${SCALE:-}" "${PRESET:-}" <<'PYEOF'
 import csv, json, os, sys
 from pathlib import Path
 place, data, run = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3])
@@ -43,7 +46,15 @@ val = [n for n in val if f"{n}.png" in keep]
 (run / "val.txt").write_text("\n".join(val) + "\n")
 recipe = json.load(open("training/buildings-all/recipe.json"))
 recipe.update(data=str(run / "data"), val=str(run / "val.txt"), out=str(run / "train"))
-if sys.argv[4] == "none":  # same network as the warm start, random weights
+if sys.argv[8]:  # another preset from random weights, at the warm start's image size and input scale
+    import dataclasses
+    from napari_segdiff.config import get_preset
+    from napari_segdiff.models import load_model
+    start = load_model(recipe.pop("init")).config
+    recipe["net"] = dataclasses.asdict(
+        get_preset(sys.argv[8], image_size=start.image_size, input_scale=start.input_scale)
+    )
+elif sys.argv[4] == "none":  # same network as the warm start, random weights
     import dataclasses
     from napari_segdiff.models import load_model
     recipe["net"] = dataclasses.asdict(load_model(recipe.pop("init")).config)
