@@ -17,6 +17,7 @@ from napari_segdiff.models import SegDiffModel, save_model
 from napari_segdiff.network import SegDiffNet, widen_mask_channels
 from napari_segdiff.tiling import StreamingBlender, taper_weights, window_grid
 from napari_segdiff.training.datasets import Sample
+from napari_segdiff.training.metrics import instance_metrics
 from napari_segdiff.training.trainer import (
     INTERIOR_BIT,
     KNOWN_BIT,
@@ -189,6 +190,13 @@ def test_two_channel_training_exports_a_model_whose_labels_come_from_its_interio
     assert r.info["instances"]["method"] == "interior"
     ref = label_instances(r.mask, method="interior", interior=r.interior)
     np.testing.assert_array_equal(r.labels, ref)
+    # streamed to zarr, the interior is read from the store (by blocks when large): the same labels
+    z = segment(samples[2].image, str(out), tile=32, instances=True, seed=0, out=str(tmp_path / "o.zarr"))
+    assert not isinstance(z.interior, np.ndarray)
+    np.testing.assert_array_equal(np.asarray(z.labels[:]), r.labels)
+    blocks = label_instances(r.mask, method="interior", interior=z.interior, block=16)  # ids numbered per block
+    scores = instance_metrics(ref, blocks)
+    assert scores["n_pred"] == scores["n_true"] == ref.max() > 1 and scores["aji"] > 0.99
     # a one-channel model has no interior
     assert segment(samples[2].image, tiny_model(), tile=32, samples=1, steps=1).interior is None
 
