@@ -414,3 +414,26 @@ def test_warm_start_may_change_the_input_scale_and_nothing_else(tmp_path):
             Trainer(_cfg(tmp_path / "r3", init=str(p), net={"input_scale": bad}), samples=samples)
     with pytest.raises(ValueError, match="input_scale must be in"):
         Trainer(_cfg(tmp_path / "r4", init=str(p), net={"input_scale": 9.0}), samples=samples)
+
+
+def test_the_run_names_the_network_it_trains(tmp_path):
+    from napari_segdiff.config import get_preset
+    from napari_segdiff.training.cli import network_description
+
+    def desc(**kw):
+        cfg = TrainConfig(**kw)
+        return network_description(cfg, cfg.network_config())
+
+    assert desc(preset="tiny") == "tiny"
+    assert desc(preset="cpu-small", net={"input_scale": 0.5}) == "cpu-small with input_scale=0.5"
+    # a recipe that overrides every field of the default preset is named by the preset it matches
+    medium = dataclasses.asdict(get_preset("cpu-medium", input_scale=0.5))
+    assert desc(preset="cpu-small", net=medium) == "cpu-medium with input_scale=0.5"
+    assert desc(preset="cpu-small", net={"base_channels": 40}).startswith("cpu-small with base_channels=40")
+    from _helpers import tiny_model
+
+    from napari_segdiff.models import save_model
+
+    p = tmp_path / "base.pt"
+    save_model(tiny_model(seed=3).net, p, half=False, meta={"name": "base"})
+    assert desc(init=str(p), net={"input_scale": 0.5}) == f"the network of {p} (input scale 0.5)"

@@ -74,6 +74,23 @@ def _net_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def network_description(cfg: TrainConfig, net_cfg) -> str:
+    """What a run trains: the warm start's network, or the nearest preset (the run's own on a tie) named with
+    the fields that differ from it (a recipe's ``net`` may override every field, so the name alone can mislead)."""
+    if cfg.init:
+        return f"the network of {cfg.init} (input scale {net_cfg.input_scale:g})"
+    from ..config import PRESETS
+
+    mine = dataclasses.asdict(net_cfg)
+
+    def changed(name: str) -> list[str]:
+        base = dataclasses.asdict(PRESETS[name])
+        return [f"{k}={v}" for k, v in mine.items() if base.get(k) != v]
+
+    name = min([cfg.preset] + sorted(n for n in PRESETS if n != cfg.preset), key=lambda n: len(changed(n)))
+    return name + (f" with {', '.join(changed(name))}" if changed(name) else "")
+
+
 def cmd_train(args) -> int:
     from .trainer import Trainer
 
@@ -102,7 +119,8 @@ def cmd_train(args) -> int:
         )
     tr = Trainer(cfg)
     print(
-        f"training {cfg.preset} ({sum(p.numel() for p in tr.net.parameters()):,} parameters) on "
+        f"training {network_description(cfg, tr.net_cfg)} ({sum(p.numel() for p in tr.net.parameters()):,} "
+        "parameters) on "
         f"{len(tr.train_set)} images, validating on {len(tr.val_set)}; device {tr.device}; run dir {cfg.out}"
     )
     res = tr.fit()
