@@ -656,12 +656,8 @@ def iter_segment(
         info["encoder_evaluations"] = runner.encoder_evaluations
     labels = None
     if instances:
-        labels, info["instances"] = _instances(
-            mdl,
-            np.asarray(mask[:]),
-            factor,
-            interior,  # interior: numpy or zarr, read by blocks
-        )
+        # the interior (numpy or zarr) is read a block at a time by the block-wise split
+        labels, info["instances"] = _instances(mdl, np.asarray(mask[:]), factor, interior)
         if sampling.object_threshold > 0:
             from .instances import drop_unsure
 

@@ -172,9 +172,7 @@ def _label_whole(
         return _finish(components, mask, components, min_area)
     from skimage.segmentation import watershed
 
-    distance = ndi.distance_transform_edt(mask)
-    markers = np.zeros(mask.shape, np.int32)
-    if method == "interior_peaks":
+    if method == "interior_peaks":  # floods the interior map itself: no distance map needed
         from skimage.morphology import h_maxima
 
         smooth = ndi.gaussian_filter(interior, float(sigma)) if sigma > 0 else interior
@@ -182,6 +180,8 @@ def _label_whole(
         markers = label(h_maxima(smooth, height) & (smooth > float(seed_threshold)) & mask).astype(np.int32)
         labels = watershed(-smooth, markers, mask=mask).astype(np.int32)
         return _finish(labels, mask, components, min_area)
+    distance = ndi.distance_transform_edt(mask)
+    markers = np.zeros(mask.shape, np.int32)
     if method == "interior":
         markers = label((interior > float(seed_threshold)) & mask, connectivity=1).astype(np.int32)
     elif method == "watershed":

@@ -46,18 +46,13 @@ val = [n for n in val if f"{n}.png" in keep]
 (run / "val.txt").write_text("\n".join(val) + "\n")
 recipe = json.load(open("training/buildings-all/recipe.json"))
 recipe.update(data=str(run / "data"), val=str(run / "val.txt"), out=str(run / "train"))
-if sys.argv[8]:  # another preset from random weights, at the warm start's image size and input scale
-    import dataclasses
+if sys.argv[8] or sys.argv[4] == "none":  # random weights: the warm start's network, or another preset at its
+    import dataclasses                    # image size and input scale
     from napari_segdiff.config import get_preset
     from napari_segdiff.models import load_model
     start = load_model(recipe.pop("init")).config
-    recipe["net"] = dataclasses.asdict(
-        get_preset(sys.argv[8], image_size=start.image_size, input_scale=start.input_scale)
-    )
-elif sys.argv[4] == "none":  # same network as the warm start, random weights
-    import dataclasses
-    from napari_segdiff.models import load_model
-    recipe["net"] = dataclasses.asdict(load_model(recipe.pop("init")).config)
+    net = get_preset(sys.argv[8], image_size=start.image_size, input_scale=start.input_scale) if sys.argv[8] else start
+    recipe["net"] = dataclasses.asdict(net)
 elif sys.argv[4]:
     recipe["init"] = sys.argv[4]
 if sys.argv[5]:

@@ -87,8 +87,9 @@ def network_description(cfg: TrainConfig, net_cfg) -> str:
         base = dataclasses.asdict(PRESETS[name])
         return [f"{k}={v}" for k, v in mine.items() if base.get(k) != v]
 
-    name = min([cfg.preset] + sorted(n for n in PRESETS if n != cfg.preset), key=lambda n: len(changed(n)))
-    return name + (f" with {', '.join(changed(name))}" if changed(name) else "")
+    diffs = {n: changed(n) for n in [cfg.preset] + sorted(n for n in PRESETS if n != cfg.preset)}
+    name = min(diffs, key=lambda n: len(diffs[n]))  # the first of the nearest: the run's own on a tie
+    return name + (f" with {', '.join(diffs[name])}" if diffs[name] else "")
 
 
 def cmd_train(args) -> int:
