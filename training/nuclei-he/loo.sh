@@ -7,7 +7,8 @@
 #
 # Validation (checkpoint choice) uses nuclei-he's held-out images of the other organs, never the organ's.
 # THREADS (default 2) sets the torch threads, e.g. THREADS=1 to train the run and its --with reference side by
-# side on a 2-core machine.
+# side on a 2-core machine. STEPS ends the run after that many optimiser steps instead (MINUTES then caps it),
+# so a run and its reference see the same number of steps whatever else shares the cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ORGAN=${1,,}
@@ -40,6 +41,6 @@ recipe.update(data=str(run / "data"), val=str(run / "val.txt"), out=str(run / "t
 print(f"{organ}: {len(keep)} images ({len(val)} of them validation)" + (f", with {mine[:-2]}" if with_ else ""))
 PYEOF
 "$PY" -m napari_segdiff.training.cli train --config "$RUN/recipe.json" --amp "${AMP:-auto}" --threads "$THREADS" \
-    --max-minutes "$MINUTES" > "$RUN/train.log" 2>&1
+    --max-minutes "$MINUTES" ${STEPS:+--max-steps "$STEPS"} > "$RUN/train.log" 2>&1
 "$PY" -m napari_segdiff.training.cli export "$RUN/train" --name "loo-${ORGAN}${WITH:+-with}" -o "$RUN/model.pt" \
     --samples 3 --steps 2 --overlap 0 --pixel-size 0.488 --pixel-unit um --instances hmaxima,h=0.5,min_area=10 --overwrite
