@@ -39,6 +39,10 @@
            px) by buildings-all's h-maxima split, the whole image at once against a block of connected
            components at a time (the default), each in a fresh process: seconds, peak RSS, and how far the two
            splits agree (AJI, object F1 and SQ of one against the other).
+15. slide: the shipped default model at its defaults on a whole-slide-sized region, zarr to zarr, each run in a
+           fresh process: a 20000x20000 slide-like image (tissue made of the H&E sample in a few large
+           ellipses, about 28% of the area, on noisy glass) with tile skipping on, and an 8192x8192 region of
+           it with skipping on and off: seconds, MPx/min, peak RSS, tiles skipped.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -668,6 +673,90 @@ def bench_labels(sizes, block: int | None = None) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------- 15. slide
+SLIDE_CHILD = r"""
+import json, resource, sys, time, threading
+import numpy as np, zarr, dask.array as da
+import napari_segdiff as ns
+src, dst, size, skip = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+model = ns.load_model(ns.DEFAULT_MODEL)
+img = da.from_zarr(zarr.open_array(src, mode="r"))[:size, :size]
+peak = [0]
+def watch():
+    while True:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS"):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+        time.sleep(0.2)
+threading.Thread(target=watch, daemon=True).start()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+res = ns.segment(img, model, seed=0, skip_empty=skip, out=dst)
+dt = time.perf_counter() - t0
+print(json.dumps({"size": size, "skip": skip, "seconds": dt, "mpx_per_min": size * size / 1e6 / (dt / 60),
+                  "tiles": res.info["tiles"], "skipped_tiles": res.info.get("skipped_tiles", 0),
+                  "runtime": res.info.get("runtime"), "rss_before_mb": r0 / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def make_slide_zarr(path: str, size: int, chunk: int = 1024, seed: int = 0) -> float:
+    """A slide-like RGB zarr: noisy glass (grey 235) with a few large tissue ellipses filled with the H&E
+    sample (each 512 block flipped at random); returns the tissue share of the area."""
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    he = sample_512()
+    flips = [he, he[::-1], he[:, ::-1], he[::-1, ::-1]]
+    n = 5
+    cy, cx = rng.uniform(0.2, 0.8, n) * size, rng.uniform(0.2, 0.8, n) * size
+    ry, rx = rng.uniform(0.12, 0.22, n) * size, rng.uniform(0.12, 0.22, n) * size
+    z = zarr.open_array(path, mode="w", shape=(size, size, 3), chunks=(chunk, chunk, 3), dtype="u1")
+    tissue = 0
+    for y in range(0, size, chunk):
+        for x in range(0, size, chunk):
+            h, w = min(chunk, size - y), min(chunk, size - x)
+            yy, xx = np.mgrid[y : y + h, x : x + w]
+            inside = np.zeros((h, w), bool)
+            for i in range(n):
+                inside |= ((yy - cy[i]) / ry[i]) ** 2 + ((xx - cx[i]) / rx[i]) ** 2 <= 1
+            glass = 235 + rng.normal(0, 4, (h, w, 1)) + rng.normal(0, 2, (h, w, 3))
+            block = np.clip(glass, 0, 255).astype(np.uint8)
+            if inside.any():
+                src = np.empty((h, w, 3), np.uint8)
+                for by in range(0, h, 512):
+                    for bx in range(0, w, 512):
+                        f = flips[int(rng.integers(4))]
+                        src[by : by + 512, bx : bx + 512] = f[: min(512, h - by), : min(512, w - bx)]
+                block[inside] = src[inside]
+            tissue += int(inside.sum())
+            z[y : y + h, x : x + w] = block
+    return tissue / size / size
+
+
+def bench_slide(size: int = 20000, crop: int = 8192) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("SEGDIFF_BENCH_TMP")) as d:
+        src = f"{d}/slide.zarr"
+        share = make_slide_zarr(src, size)
+        # the crop (the top-left corner) reads the slide's first rows and columns: report its own tissue share
+        for n, skip in ((size, True), (crop, True), (crop, False)):
+            dst = f"{d}/out_{n}_{int(skip)}.zarr"
+            out = subprocess.run(
+                [sys.executable, "-c", SLIDE_CHILD, src, dst, str(n), "1" if skip else "0"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["tissue_share_of_slide"] = share
+            rows.append(row)
+            print(f"  slide {n} skip={skip}: {row}", flush=True)
+            shutil.rmtree(dst, ignore_errors=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- 11. speedup
 #: nuclei-he's sampling when the speed work began (its defaults now: 3 x 1, model card)
 BEFORE_SAMPLING = {"samples": 3, "steps": 2}
@@ -813,6 +902,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--scale-sizes", default="2048,20000", help="image sizes for the scale part")
     p.add_argument("--json", default="bench_out/results.json")
+    p.add_argument("--slide-size", type=int, default=20000, help="side of the slide-like image of the slide part")
+    p.add_argument("--slide-crop", type=int, default=8192, help="side of its region run with and without skipping")
     p.add_argument("--speedup-sizes", default="512,2048", help="image sizes for the speedup part")
     p.add_argument(
         "--val-data",
@@ -870,6 +961,8 @@ def main(argv=None) -> int:
         res["labels"] = bench_labels(
             [1024] if args.quick else [int(v) for v in args.label_sizes.split(",")], block=512 if args.quick else None
         )
+    if "slide" in parts:
+        res["slide"] = bench_slide(2048, 1024) if args.quick else bench_slide(args.slide_size, args.slide_crop)
     if "speedup" in parts:
         res["speedup"] = bench_speedup(
             model, [int(v) for v in args.speedup_sizes.split(",")], args.val_data, args.val_names
@@ -976,6 +1069,14 @@ def print_table(res: dict) -> None:
             f"x{w['seconds'] / b['seconds']:.2f} the speed, x{grow_w / max(grow_b, 1):.2f} less memory for the "
             f"labelling; {w['objects']} / {b['objects']} objects, "
             f"agreement AJI {r['aji']:.4f}, F1 {r['f1_50']:.4f}, SQ {r['sq']:.4f}"
+        )
+    for r in res.get("slide", []):
+        print(
+            f"slide-like {r['size']}x{r['size']} zarr -> zarr ({r['runtime']}, tissue "
+            f"{100 * r['tissue_share_of_slide']:.0f}% of the whole slide), "
+            f"skipping {'on' if r['skip'] else 'off'}: {r['seconds']:.0f} s, "
+            f"{r['mpx_per_min']:.2f} MPx/min, {r['skipped_tiles']} of {r['tiles']} tiles skipped, "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB"
         )
     if "repeat" in res:
         r = res["repeat"]
