@@ -218,9 +218,9 @@ class OpenVINONet:
         self._enc, self._den = enc.create_infer_request(), den.create_infer_request()
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        out = self._enc.infer([_array(image)], share_inputs=True)  # no copy: the call is synchronous
+        out = self._enc.infer([_array(image)])
         return torch.from_numpy(np.asarray(out[0]))
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        out = self._den.infer([_array(x_t), _array(t.long()), _array(features)], share_inputs=True)
+        out = self._den.infer([_array(x_t), _array(t.long()), _array(features)])
         return torch.from_numpy(np.asarray(out[0]))
