@@ -13,7 +13,7 @@ import napari_segdiff as ns
 from napari_segdiff import SegDiffError
 from napari_segdiff.models import list_models, load_model, save_model, sha256_of, user_models_dir
 from napari_segdiff.training.cli import main
-from napari_segdiff.training.finetune import DEFAULT_BLEND, choose_threshold, finetune
+from napari_segdiff.training.finetune import DEFAULT_BLEND, choose_threshold, finetune, recommended_blend
 
 
 @pytest.fixture
@@ -218,6 +218,32 @@ def test_blend_writes_the_weighted_mean_of_fine_tuned_and_base_weights(base, tmp
         with pytest.raises(SegDiffError, match=r"blend is the share of the fine-tuned weights"):
             finetune(str(base), data, tmp_path / "bad.pt", steps=1, progress=False, blend=bad)
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_base_model_recommends_its_blend_and_fine_tunes_carry_it(tmp_path, user_dir, capsys):
+    """blend=None (the default) takes the base model's ``finetune_blend``; a given blend overrides it."""
+    path = tmp_path / "rec.pt"
+    meta = {"name": "tiny-rec", "sampling": {"samples": 2, "steps": 2}, "tiling": {"tile": 32}, "finetune_blend": 0.5}
+    save_model(tiny_model(seed=0, perturb=0.3), path, half=False, meta=meta)
+    data = _folder(tmp_path / "data", n=4)
+    fast = {"lr": 1e-2, "warmup_steps": 1}
+    rec = finetune(str(path), data, tmp_path / "rec-ft.pt", steps=3, progress=False, seed=3, recipe=fast)
+    given = finetune(str(path), data, tmp_path / "given.pt", steps=3, progress=False, seed=3, recipe=fast, blend=1)
+    r, g = load_model(str(rec.path)), load_model(str(given.path))
+    assert rec.blend == 0.5 and r.meta["finetune"]["blend"] == 0.5 and r.meta["finetune_blend"] == 0.5
+    assert given.blend == 1.0 and g.meta["finetune"]["blend"] == 1.0
+    b = load_model(str(path)).net.state_dict()
+    rs, gs = r.net.state_dict(), g.net.state_dict()
+    moved = [k for k in b if b[k].is_floating_point() and not torch.allclose(gs[k].float(), b[k].float(), atol=1e-3)]
+    assert moved
+    for k in moved:  # the recommended run wrote half way between the same fine-tune and its base
+        assert torch.allclose(rs[k].float(), 0.5 * gs[k].float() + 0.5 * b[k].float(), rtol=4e-3, atol=1e-4), k
+    out = tmp_path / "cli.pt"
+    assert main(["finetune", "--model", str(path), "--data", str(data), "--steps", "1", "-o", str(out)]) == 0
+    assert "blend 0.5" in capsys.readouterr().out and load_model(str(out)).meta["finetune"]["blend"] == 0.5
+    assert recommended_blend({}) == DEFAULT_BLEND and recommended_blend({"finetune_blend": 2}) == DEFAULT_BLEND
+    assert recommended_blend(load_model("nuclei-he").meta) == 0.5  # the shipped nuclei model's (registry)
+    assert recommended_blend(load_model("buildings-all").meta) == DEFAULT_BLEND
 
 
 def test_choose_threshold_takes_the_best_pooled_iou_and_breaks_ties_towards_the_preferred(monkeypatch):

@@ -39,7 +39,10 @@ def test_finetune_widget_trains_registers_and_leaves_layers_alone(make_napari_vi
     ft.image.value, ft.labels.value = il, ml
     ft.add_pair.clicked.emit()
     assert ft.pairs == [(il, ml)] and "img + img mask" in ft.pair_list.value
+    ft.base.value = "nuclei-he"
+    assert ft.blend.value == 0.5  # the blend control follows the base model's recommendation
     ft.base.value = user_base
+    assert ft.blend.value == 1.0  # a model without one: the fine-tuned weights as they are
     ft.minutes.value = 0.1
     ft.blend.value = 0.5
     ft.name.value = "widget-model"

@@ -60,6 +60,7 @@ class FinetuneWidget(Container):
         from .training.finetune import BLEND_HELP, DEFAULT_BLEND, THRESHOLD_HELP
 
         self.blend = FloatSpinBox(label="blend", value=DEFAULT_BLEND, min=0.05, max=1.0, step=0.05, tooltip=BLEND_HELP)
+        self.base.changed.connect(self._base_changed)
         self.threshold = ComboBox(label="threshold", choices=["keep", "auto"], value="keep", tooltip=THRESHOLD_HELP)
         self.name = LineEdit(label="name", value="my-model")
         self.train_button = PushButton(text="Train")
@@ -88,6 +89,21 @@ class FinetuneWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         napari_viewer.layers.events.inserted.connect(lambda e: self.reset_choices())
         napari_viewer.layers.events.removed.connect(lambda e: self.reset_choices())
+        self._base_changed()
+
+    def _base_changed(self, *_) -> None:
+        """The blend control follows the base model's recommendation (nuclei-he 0.5, else 1); the user may change
+        it after picking the model."""
+        from .models import shared_model
+        from .training.finetune import recommended_blend
+
+        if not self.base.value:
+            return
+        try:
+            meta = shared_model(str(self.base.value)).meta
+        except (SegDiffError, OSError):  # a broken model file: the run itself says what is wrong with it
+            return
+        self.blend.value = recommended_blend(meta)
 
     def _add_pair(self, *_) -> None:
         img, lab = self.image.value, self.labels.value
@@ -194,7 +210,7 @@ class FinetuneWidget(Container):
         how = "cancelled; kept the best state so far" if res.cancelled else "done"
         score = "" if res.base_score is None else f", validation {res.best_score:.3f} (base {res.base_score:.3f})"
         self.status.value = (
-            f"{how}: model {res.name!r}, {res.steps} steps, {res.minutes:.1f} min{score}; "
+            f"{how}: model {res.name!r}, {res.steps} steps, {res.minutes:.1f} min{score}, blend {res.blend:g}; "
             f"mask threshold {res.threshold_note}"
         )
         self.model_added.emit(res.name)

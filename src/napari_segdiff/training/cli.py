@@ -19,7 +19,7 @@ from typing import Any
 
 from .._errors import SegDiffError
 from ..config import PRECISIONS, RUNTIMES
-from .finetune import BLEND_HELP, DEFAULT_BLEND, THRESHOLD_HELP
+from .finetune import BLEND_HELP, THRESHOLD_HELP
 from .trainer import TrainConfig
 
 
@@ -252,7 +252,10 @@ def cmd_finetune(args) -> int:
         if res.base_score is None
         else f"; validation {res.best_score:.4f} (base model {res.base_score:.4f}) on {len(res.val_images)} images"
     )
-    print(f"wrote {res.path} ({res.steps} steps, {res.minutes:.1f} min, kept the {res.kept} state{score})")
+    print(
+        f"wrote {res.path} ({res.steps} steps, {res.minutes:.1f} min, kept the {res.kept} state{score}, "
+        f"blend {res.blend:g})"
+    )
     print(f"mask threshold {res.threshold_note}")
     if res.name:
         print(f"registered user model {res.name!r}: use it by name in segment(), the CLI and the napari widget")
@@ -394,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", required=True, help="the new model file (.pt)")
     f.add_argument("--name", default=None, help="also register it as a user model under this name")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output file or user model")
-    f.add_argument("--blend", type=float, default=DEFAULT_BLEND, help=BLEND_HELP)
+    f.add_argument("--blend", type=float, default=None, help=BLEND_HELP)
     f.add_argument("--threshold", default="keep", help=THRESHOLD_HELP)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")

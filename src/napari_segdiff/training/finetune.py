@@ -30,20 +30,38 @@ BATCH = 4
 VAL_EVERY = 25
 #: the recipe settings a fine-tuned model file records
 RECIPE_KEYS = ("lr", "batch_size", "crop", "augment", "ema_decay", "freeze_encoder", "focus_steps", "amp")
+#: a model's own recommended ``blend`` for fine-tunes of it (its metadata or the registry's; carried over)
+BLEND_META = "finetune_blend"
 #: what a fine-tuned model file carries over from its base model's metadata
-CARRIED_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment", *COLOUR_META)
+CARRIED_META = ("pixel_size", "pixel_unit", "instances", "tiling", "augment", BLEND_META, *COLOUR_META)
 #: the default share of the fine-tuned weights in the written model. Against the unblended weights, 0.75 scored
 #: on the adapted organ/place Dice +0.014 / +0.022 and IoU -0.007 in three 10-minute float32 fine-tunes of about
 #: 120-140 steps (AVX2 CPU), and IoU +0.027, -0.114 and -0.030 in three of 414-457 steps (native bf16:
 #: leave-one-place-out buildings models on Kampala and the Philippines), better elsewhere in every case
-#: measured (model cards). A fine-tune is for the user's own images, so the default keeps the fine-tuned weights.
+#: measured (model cards). A fine-tune is for the user's own images, so the default keeps the fine-tuned weights,
+#: unless the base model recommends another share (:data:`BLEND_META`: nuclei-he 0.5, see recommended_blend).
 DEFAULT_BLEND = 1.0
 #: what ``blend`` means, for the CLI's help and the widget's tooltip
 BLEND_HELP = (
-    f"share of the fine-tuned weights in the written model, the rest the base model's (default {DEFAULT_BLEND}; "
-    "1 = as fine-tuned, most gain in object counts on your images; lower keeps more of what the base model "
-    "does elsewhere)"
+    "share of the fine-tuned weights in the written model, the rest the base model's (default: the base model's "
+    f"recommendation, nuclei-he 0.5, else {DEFAULT_BLEND}; 1 = as fine-tuned, most gain in object counts on your "
+    "images; lower keeps more of what the base model does elsewhere)"
 )
+
+
+def recommended_blend(meta: dict | None) -> float:
+    """The blend a model recommends for fine-tunes of it (``meta['finetune_blend']``), else
+    :data:`DEFAULT_BLEND`. nuclei-he recommends 0.5: in three leave-breast-out fine-tunes of 10 minutes on 4
+    quarters (AVX2 float32, 127 steps; Zen 4 bf16, 420-427 steps, variance-chosen and random quarters) the
+    unblended weights moved the organ's Dice from the base's 0.752 to 0.765, and 0.785 to 0.741 and 0.785, while
+    half way back to the base reached 0.780, 0.796 and 0.811 (the models trained with the organ: 0.756, 0.799)
+    and kept AJI above those references; buildings-all keeps 1 (its card)."""
+    value = (meta or {}).get(BLEND_META)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    return DEFAULT_BLEND
+
+
 #: the mask thresholds a fine-tune chooses among (``threshold="auto"``), by pooled IoU on its held-back
 #: validation images. Not on the images it trained on: leave-one-place-out buildings models fine-tuned 10
 #: minutes on 4 Kampala tiles and scored on the place's 3 others gained 0.083 pooled IoU that way (threshold
@@ -136,6 +154,7 @@ class FinetuneResult:
     name: str | None = None
     threshold: float | None = None  # the written model's mask threshold
     threshold_note: str = ""  # how it was chosen
+    blend: float = DEFAULT_BLEND  # the share of the fine-tuned weights in the written model
 
 
 def _augment_for(meta: dict[str, Any]) -> str:
@@ -182,21 +201,22 @@ def finetune(
     samples=None,
     min_val_images: int = MIN_VAL_IMAGES,
     recipe: dict[str, Any] | None = None,
-    blend: float = DEFAULT_BLEND,
+    blend: float | None = None,
     threshold: str | float = "keep",
 ) -> FinetuneResult:
     """Fine-tune ``model`` (shipped name or file) on ``data`` (``images/`` + ``masks/``) for ``minutes`` or
     ``steps``; write the model file ``out`` and, with ``name``, register it as a user model. ``samples``:
     already-loaded :class:`Sample` pairs instead of ``data`` (the napari widget passes its layers so).
-    ``blend`` < 1 writes ``blend * fine-tuned + (1 - blend) * base`` weights: a model that keeps more of what
-    the base knew about other places (measured in the buildings-all card: at 0.5, 83% of the gain on the
-    adapted place and 0.015 pooled IoU lost elsewhere, against 0.107 lost at 1). ``threshold``: the written
+    ``blend`` < 1 writes ``blend * fine-tuned + (1 - blend) * base`` weights (None: the base model's
+    :func:`recommended_blend`): a model that keeps more of what the base knew about other places (measured in
+    the buildings-all card: at 0.5, 83% of the gain on the adapted place and 0.015 pooled IoU lost elsewhere,
+    against 0.107 lost at 1). ``threshold``: the written
     model's mask threshold: "keep" (default) keeps the base model's; "auto" chooses it among
     :data:`THRESHOLD_CANDIDATES` by pooled IoU on the held-back validation images and, with none held back,
     keeps the base model's (why neither is the default: :data:`THRESHOLD_CANDIDATES`); a number sets it."""
     if (minutes is None) == (steps is None):
         raise SegDiffError("give a budget: either minutes or steps (one of them)")
-    if isinstance(blend, bool) or not isinstance(blend, (int, float)) or not (0 < blend <= 1):
+    if blend is not None and (isinstance(blend, bool) or not isinstance(blend, (int, float)) or not (0 < blend <= 1)):
         raise SegDiffError(
             f"blend is the share of the fine-tuned weights in the written model, in (0, 1] (1 = as fine-tuned, "
             f"0.5 = halfway back to the base model); got {blend!r}"
@@ -220,6 +240,8 @@ def finetune(
         if name in _user_registry() and not overwrite:
             raise SegDiffError(f"a user model named {name!r} exists already; choose another --name or pass --overwrite")
     base = load_model(model)
+    if blend is None:
+        blend = recommended_blend(base.meta)
     if samples is None:
         samples = load_folder(data)
     wanted = _names(names)
@@ -363,6 +385,7 @@ def finetune(
             name,
             sampling.get("threshold"),
             note,
+            applied_blend,
         )
     finally:
         shutil.rmtree(run, ignore_errors=True)
