@@ -1,10 +1,10 @@
 """Where do a nuclei model's objects go wrong, and what does the mask threshold do to them?
 
-    python benchmarks/object_errors.py [--model nuclei-he] [--thresholds 0.5,0.45,0.4,0.35,0.3] [--seed 0]
+    python benchmarks/object_errors.py [--model nuclei-he] [--threshold T] [--thresholds 0.5,0.45,0.4,0.35,0.3]
 
 On the MoNuSeg training images that carry instance maps: the held-out validation images
 (``training/nuclei-he/val.txt``) and, apart, the training images (in-sample). Each image is segmented once at
-the model's defaults (``instances=True``); then
+the model's defaults (``instances=True``; ``--threshold`` another mask threshold); then
 
 * the annotated nuclei not matched at IoU > 0.5 are sorted into *missed* (less than half of the nucleus inside
   the mask), *merged* (its best-overlapping object covers it and at least one other nucleus), *split* (two or
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--model", default="nuclei-he")
     ap.add_argument("--thresholds", default="0.5,0.45,0.4,0.35,0.3")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threshold", type=float, default=None, help="mask threshold of the error sort")
     args = ap.parse_args()
     data = Path(args.data)
     model = ns.load_model(args.model)
@@ -86,11 +87,12 @@ def main() -> None:
             img = read_image(data / "images" / f"{n}.png")[..., :3]
             gt = read_image(data / "instances" / f"{n}.png").astype(np.int64)
             gt = gt[..., 0] if gt.ndim == 3 else gt
-            r = ns.segment(img, model, seed=args.seed, instances=True)
+            r = ns.segment(img, model, seed=args.seed, instances=True, threshold=args.threshold)
             for k, v in error_kinds(gt, np.asarray(r.labels)).items():
                 kinds[k] = kinds.get(k, 0) + v
             maps.append((gt, np.asarray(r.probability), None if r.interior is None else np.asarray(r.interior)))
-        print(f"{label} ({len(names)} images, the model's defaults): {kinds}")
+        at = "the model's defaults" if args.threshold is None else f"mask threshold {args.threshold:g}"
+        print(f"{label} ({len(names)} images, {at}): {kinds}")
         for t in (float(v) for v in args.thresholds.split(",")):
             rows = []
             for gt, prob, interior in maps:

@@ -675,21 +675,12 @@ def bench_labels(sizes, block: int | None = None) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- 15. slide
 SLIDE_CHILD = r"""
-import json, resource, sys, time, threading
+import json, resource, sys, time
 import numpy as np, zarr, dask.array as da
 import napari_segdiff as ns
 src, dst, size, skip = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 model = ns.load_model(ns.DEFAULT_MODEL)
 img = da.from_zarr(zarr.open_array(src, mode="r"))[:size, :size]
-peak = [0]
-def watch():
-    while True:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS"):
-                    peak[0] = max(peak[0], int(line.split()[1]))
-        time.sleep(0.2)
-threading.Thread(target=watch, daemon=True).start()
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 res = ns.segment(img, model, seed=0, skip_empty=skip, out=dst)
