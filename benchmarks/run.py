@@ -731,7 +731,8 @@ def bench_slide(size: int = 20000, crop: int = 8192) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("SEGDIFF_BENCH_TMP")) as d:
         src = f"{d}/slide.zarr"
         share = make_slide_zarr(src, size)
-        # the crop (the top-left corner) reads the slide's first rows and columns: report its own tissue share
+        # the crop is the slide's top-left corner (mostly glass: its skipped share says how much); the tissue
+        # share reported is the whole slide's
         for n, skip in ((size, True), (crop, True), (crop, False)):
             dst = f"{d}/out_{n}_{int(skip)}.zarr"
             out = subprocess.run(

@@ -57,9 +57,12 @@ def recommended_blend(meta: dict | None) -> float:
     half way back to the base reached 0.780, 0.796 and 0.811 (the models trained with the organ: 0.756, 0.799)
     and kept AJI above those references; buildings-all keeps 1 (its card)."""
     value = (meta or {}).get(BLEND_META)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
-        return float(value)
-    return DEFAULT_BLEND
+    return float(value) if _is_blend(value) else DEFAULT_BLEND
+
+
+def _is_blend(value) -> bool:
+    """A share of the fine-tuned weights: a number in (0, 1] (not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
 
 
 #: the mask thresholds a fine-tune chooses among (``threshold="auto"``), by pooled IoU on its held-back
@@ -216,7 +219,7 @@ def finetune(
     keeps the base model's (why neither is the default: :data:`THRESHOLD_CANDIDATES`); a number sets it."""
     if (minutes is None) == (steps is None):
         raise SegDiffError("give a budget: either minutes or steps (one of them)")
-    if blend is not None and (isinstance(blend, bool) or not isinstance(blend, (int, float)) or not (0 < blend <= 1)):
+    if blend is not None and not _is_blend(blend):
         raise SegDiffError(
             f"blend is the share of the fine-tuned weights in the written model, in (0, 1] (1 = as fine-tuned, "
             f"0.5 = halfway back to the base model); got {blend!r}"
