@@ -205,3 +205,64 @@ def test_write_result_formats_and_refusals(tmp_path):
         write_result(res, tmp_path / "r.png")
     # the zarr result reads back as an image (its first array)
     assert read_image(tmp_path / "r.zarr").shape == (3, 4)
+
+
+def test_a_folder_of_images_is_segmented_image_by_image(files, tmp_path, capsys):
+    """Several inputs or a folder: one result per image, each the same as the image segmented alone; the
+    outputs are checked before any work, and an image that fails is reported while the others are written."""
+    d, model_path, tif, img = files
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", img)
+    iio = pytest.importorskip("imageio.v3")
+    iio.imwrite(folder / "b.png", img[::-1])
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "results"
+    assert _run("segment", folder, "-o", f"{out}/", "--model", model_path, *FAST) == 0
+    assert "segmented 2 of 2 images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+    for name, arr in (("a", img), ("b", img[::-1])):
+        alone = segment(arr, str(model_path), samples=2, steps=2, tile=32, device="cpu")
+        np.testing.assert_array_equal(read_result(out / f"{name}.tif")["probability"], alone.probability)
+    # a name pattern, with a table per image; files and folders may be mixed
+    res = tmp_path / "res"
+    assert (
+        _run(
+            "segment",
+            folder / "a.tif",
+            tif,
+            "-o",
+            f"{res}/{{stem}}_seg.zarr",
+            "--table",
+            f"{res}/{{stem}}.csv",
+            "--model",
+            model_path,
+            *FAST,
+        )
+        == 0
+    )
+    assert sorted(p.name for p in res.iterdir()) == ["a.csv", "a_seg.zarr", "in.csv", "in_seg.zarr"]
+    labels = read_result(res / "in_seg.zarr")["labels"]
+    assert len((res / "in.csv").read_text().splitlines()) - 1 == labels.max()
+    # refused before any work, nothing written
+    capsys.readouterr()
+    tifffile.imwrite(tmp_path / "a.tif", img)
+    (tmp_path / "empty").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    for argv, message in [
+        ([folder, "-o", tmp_path / "one.tif"], "give an output folder"),
+        ([folder, "-o", out], "already exists"),  # a.tif is there: refused before b.tif is written either
+        ([folder, "-o", tmp_path / "new", "--table", tmp_path / "t.csv"], "put {stem} in its name"),
+        ([folder / "a.tif", tmp_path / "a.tif", "-o", tmp_path / "new"], "would both be written"),
+        ([tmp_path / "a.tif", "-o", f"{tmp_path}/{{stem}}.tif", "--overwrite"], "is the input"),
+        ([tmp_path / "empty", "-o", tmp_path / "new"], "holds no images"),
+    ]:
+        assert _run("segment", *argv, "--model", model_path, *FAST) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(tmp_path.rglob("*")) == before
+    # a bad image among good ones: the others are written, the exit status says one was not
+    (folder / "c.tif").write_bytes(b"II*\x00 this is not a tiff")
+    assert _run("segment", folder, "-o", tmp_path / "mixed", "--model", model_path, *FAST) == 2
+    captured = capsys.readouterr()
+    assert "c.tif" in captured.err and "segmented 2 of 3 images; not written:" in captured.out
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["a.tif", "b.tif"]

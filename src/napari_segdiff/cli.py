@@ -1,6 +1,7 @@
 """`napari-segdiff`: segment images from the shell.
 
 napari-segdiff segment IMAGE -o OUT.tif [--model nuclei-he] [--samples 5] [--steps 10] ...
+napari-segdiff segment images/ -o results/ --instances --table 'results/{stem}.csv'   (every image of a folder)
 napari-segdiff segment big.zarr -o out.zarr --scheduler tcp://host:8786
 napari-segdiff models
 napari-segdiff eval --model nuclei-he --data DIR      (same as napari-segdiff-train eval)
@@ -24,26 +25,145 @@ from .objects import result_table, write_csv
 
 
 def cmd_segment(args) -> int:
+    jobs, batch = plan_segment(args)
+    if not batch:
+        return _segment_file(args, *jobs[0])
+    return _segment_batch(args, jobs)
+
+
+#: what an output (or --table) name may hold to give each input its own: the input's name without, and with,
+#: its extension
+NAME_KEYS = ("{stem}", "{name}")
+
+
+def _templated(template: str) -> bool:
+    return any(k in template for k in NAME_KEYS)
+
+
+def _fill(template: str, inp: Path) -> Path:
+    return Path(template.replace("{stem}", inp.stem).replace("{name}", inp.name))
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """The images named on the command line; a folder (other than a .zarr store) stands for the image files
+    in it, sorted by name (hidden files left out)."""
+    from .io import READ_EXT
+
+    files: list[Path] = []
+    for s in paths:
+        p = Path(s)
+        if p.is_dir() and p.suffix.lower() != ".zarr":
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in READ_EXT and not q.name.startswith("."))
+            if not found:
+                raise SegDiffError(
+                    f"folder {s!r} holds no images ({', '.join(sorted(READ_EXT))}); name image files or a folder "
+                    "of them"
+                )
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
+def plan_segment(args) -> tuple[list[tuple[Path, Path, Path | None]], bool]:
+    """(input, output, table) for each image, every output checked before any work. One input and a plain
+    -o is the single-image command; several inputs, a folder, or an -o with {stem}/{name} is a batch, whose
+    -o is a folder (results named after the inputs, .tif) or a name pattern, e.g. 'out/{stem}.zarr'."""
+    from .io import WRITE_EXT, check_output
+
+    inputs = expand_inputs(args.input)
+    batch = len(args.input) > 1 or len(inputs) > 1 or inputs[0] != Path(args.input[0]) or _templated(args.output)
+    if not batch:
+        inp = inputs[0]
+        return [(inp, check_output(args.output, [inp], args.overwrite), _check_table(args, inp))], False
+    if _templated(args.output):
+        outs = [_fill(args.output, inp) for inp in inputs]
+    elif Path(args.output).suffix.lower() in WRITE_EXT:
+        raise SegDiffError(
+            f"{len(inputs)} images cannot all be written to {args.output!r}; give an output folder (-o results/) "
+            "or a name with {stem} in it (-o 'results/{stem}.tif')"
+        )
+    else:
+        outs = [Path(args.output) / f"{inp.stem}.tif" for inp in inputs]
+    tables: list[Path | None] = [None] * len(inputs)
+    if args.table:
+        if not _templated(args.table):
+            raise SegDiffError(
+                f"--table {args.table!r} would be written once per image; put {{stem}} in its name "
+                "(--table 'results/{stem}.csv')"
+            )
+        tables = [_fill(args.table, inp) for inp in inputs]
+        args.instances = True
+    seen: dict[Path, Path] = {}
+    for inp, out, table in zip(inputs, outs, tables):
+        for o in (out, table):
+            if o is None:
+                continue
+            if o.resolve() in seen:
+                raise SegDiffError(
+                    f"{seen[o.resolve()].name} and {inp.name} would both be written to {str(o)!r}; use {{name}} "
+                    "instead of {stem} in the output name, or segment them separately"
+                )
+            seen[o.resolve()] = inp
+        check_output(out, inputs, args.overwrite)
+        if table is not None:
+            from .io import check_file_output
+
+            check_file_output(table, inputs, args.overwrite, (".csv",))
+    return list(zip(inputs, outs, tables)), True
+
+
+def _segment_batch(args, jobs) -> int:
+    """Each image in turn with one model (loaded once); an image that fails is reported and the rest go on.
+    Exit 0 when every image was written, 2 when some were refused as bad input, 1 when one failed otherwise."""
+    failed: list[tuple[Path, int]] = []
+    for i, (inp, out, table) in enumerate(jobs):
+        try:
+            _segment_file(args, inp, out, table)
+        except SegDiffError as e:
+            if args.debug:
+                raise
+            print(f"error: {inp}: {e}", file=sys.stderr)
+            failed.append((inp, 2))
+        except (KeyboardInterrupt, Terminated) as e:
+            print(
+                f"{'interrupted' if isinstance(e, KeyboardInterrupt) else 'terminated'} at {inp.name}: the "
+                f"{i - len(failed)} results written before it are complete; nothing was written for it or the "
+                f"{len(jobs) - i - 1} after it",
+                file=sys.stderr,
+            )
+            return 130 if isinstance(e, KeyboardInterrupt) else 143
+        except Exception as e:
+            if args.debug:
+                raise
+            print(f"error: {inp}: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+            failed.append((inp, 1))
+    print(
+        f"segmented {len(jobs) - len(failed)} of {len(jobs)} images"
+        + (f"; not written: {', '.join(str(f) for f, _ in failed)}" if failed else "")
+    )
+    codes = {code for _, code in failed}
+    return 1 if 1 in codes else 2 if codes else 0
+
+
+def _segment_file(args, inp: Path, out: Path, table: Path | None) -> int:
     try:
-        return _cmd_segment(args)
+        return _cmd_segment(args, inp, out, table)
     except Exception as e:  # data that fails while its tiles are read (lazily): say which file and what
         if type(e).__module__.split(".")[0] in ("tifffile", "zarr", "numcodecs", "PIL", "imagecodecs"):
             raise SegDiffError(
-                f"cannot read {str(args.input)!r} while segmenting it: {type(e).__name__}: {e}; the file is "
+                f"cannot read {str(inp)!r} while segmenting it: {type(e).__name__}: {e}; the file is "
                 "truncated or corrupt (check it opens in another program, or export it again)"
             ) from None
         raise
 
 
-def _cmd_segment(args) -> int:
+def _cmd_segment(args, inp: Path, out: Path, table: Path | None) -> int:
     from tqdm import tqdm
 
     from .engine import Progress, SegmentationResult, drain, iter_segment
     from .io import atomic_replace_dir, check_output, read_image, read_image_meta, write_result
 
-    inp = Path(args.input)
-    out = check_output(args.output, [inp], args.overwrite)
-    table = _check_table(args, inp)
     image = read_image(inp, lazy=True, series=args.series)
     check_channels(image.shape, inp)
     meta = read_image_meta(inp)
@@ -264,8 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="napari-segdiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("segment", help="segment an image (tif/png/jpg/zarr) into a .tif or .zarr result")
-    s.add_argument("input")
+    s = sub.add_parser(
+        "segment", help="segment images (tif/png/jpg/zarr, or folders of them) into .tif, .zarr or .geojson results"
+    )
+    s.add_argument(
+        "input",
+        nargs="+",
+        help="image file(s) or folder(s) of images; several are segmented one after another with the model loaded once",
+    )
     s.add_argument(
         "-o",
         "--output",
@@ -273,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="result path: .tif (pages: probability, variance, "
         "mask, and labels with --instances; a GeoTIFF input's georeferencing is kept), .zarr (a group of "
         "those arrays, streamed: for images larger than memory) or .geojson (one polygon per object, "
-        "in a GeoTIFF input's map coordinates)",
+        "in a GeoTIFF input's map coordinates). For several images: a folder (results/: one STEM.tif each) "
+        "or a name with {stem} or {name} in it ('results/{stem}.zarr')",
     )
     s.add_argument("--model", default=None, help="shipped model name or model file (default: nuclei-he)")
     add_arguments(s, SamplingConfig, ("samples", "steps", "sampler", "eta", "tta"))
@@ -296,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.csv",
         help="also write one row per object: area, centroid, axes, eccentricity, mean probability and mean "
         "variance (the model's uncertainty about the object); physical units with a known pixel size. "
-        "Turns --instances on",
+        "Turns --instances on. For several images a name with {stem} in it ('results/{stem}.csv')",
     )
     s.add_argument("--series", type=int, default=None, help="which image series of a multi-series TIFF (default 0)")
     add_arguments(s, SamplingConfig, ("seed", "threshold", "object_threshold"))
