@@ -162,3 +162,20 @@ def test_eval_cli_threshold_sets_the_mask_it_scores(folder_and_model, tmp_path):
     row = report["images"][0]
     assert row["dice"] == pytest.approx(all_metrics(r.probability, mask, threshold=0.3)["dice"])
     assert row["error_auroc"] == pytest.approx(error_auroc(r.variance, r.probability > 0.3, mask), nan_ok=True)
+
+
+def test_eval_cli_tile_sets_the_window_it_scores(folder_and_model, tmp_path):
+    """--tile: the images are cut into windows of that size (here one 64-px window instead of four of 32)."""
+    root, path = folder_and_model
+    args = ["eval", "--model", str(path), "--data", str(root / "data"), "--names", "img1", "--samples", "2"]
+    reports = {}
+    for tile in ("32", "64"):
+        out = tmp_path / f"{tile}.json"
+        assert main([*args, "--steps", "2", "--precision", "fp32", "--tile", tile, "--json", str(out)]) == 0
+        reports[tile] = json.loads(out.read_text())
+    assert reports["64"]["settings"]["tile"] == 64 and reports["32"]["settings"]["tile"] == 32
+    img = imread(root / "data" / "images" / "img1.png")
+    mask = imread(root / "data" / "masks" / "img1.png") > 0
+    r = segment(img, load_model(path), samples=2, steps=2, seed=0, precision="fp32", tile=64)
+    assert reports["64"]["images"][0]["dice"] == pytest.approx(all_metrics(r.probability, mask)["dice"])
+    assert reports["64"]["images"][0]["calibration"] != reports["32"]["images"][0]["calibration"]

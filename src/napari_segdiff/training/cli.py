@@ -274,6 +274,7 @@ def cmd_eval(args) -> int:
         steps=args.steps,
         seed=args.seed,
         overlap=args.overlap,
+        tile=args.tile,
         out_json=args.json,
         device=args.device,
         precision=args.precision,
@@ -422,6 +423,7 @@ def add_eval_parser(sub) -> None:
     v.add_argument("--steps", type=int, default=None)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--overlap", type=float, default=None)
+    v.add_argument("--tile", type=int, default=None, help="window size in pixels (default: the model's recommendation)")
     v.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,

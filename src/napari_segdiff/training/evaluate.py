@@ -34,6 +34,7 @@ def evaluate_items(
     steps=DEFAULT,
     seed=0,
     overlap=None,
+    tile=None,
     device="auto",
     precision="auto",
     runtime="auto",
@@ -46,7 +47,7 @@ def evaluate_items(
     settings = None
     t0 = time.perf_counter()
     # None (DEFAULT for steps, where None means all T steps): the model's recommendation
-    given = {"samples": samples, "overlap": overlap, "tta": tta, "threshold": threshold}
+    given = {"samples": samples, "overlap": overlap, "tile": tile, "tta": tta, "threshold": threshold}
     kw = {"seed": seed, "device": device, "precision": precision, "runtime": runtime}
     kw.update({k: v for k, v in given.items() if v is not None})
     if steps is not DEFAULT:
@@ -102,6 +103,7 @@ def evaluate_folder(
     steps=None,
     seed=0,
     overlap=None,
+    tile=None,
     out_json=None,
     device="auto",
     precision="auto",
@@ -119,6 +121,7 @@ def evaluate_folder(
         steps=steps if steps is not None else DEFAULT,
         seed=seed,
         overlap=overlap,
+        tile=tile,
         device=device,
         precision=precision,
         runtime=runtime,
