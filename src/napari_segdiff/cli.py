@@ -45,14 +45,14 @@ def _fill(template: str, inp: Path) -> Path:
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
-    """The images named on the command line; a folder (other than a .zarr store) stands for the image files
-    in it, sorted by name (hidden files left out)."""
+    """The images named on the command line; a folder (other than a zarr store or array) stands for the image
+    files in it, sorted by name (hidden files left out)."""
     from .io import READ_EXT
 
     files: list[Path] = []
     for s in paths:
         p = Path(s)
-        if p.is_dir() and p.suffix.lower() != ".zarr":
+        if p.is_dir() and not _is_zarr(p):
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in READ_EXT and not q.name.startswith("."))
             if not found:
                 raise SegDiffError(
@@ -63,6 +63,11 @@ def expand_inputs(paths: list[str]) -> list[Path]:
         else:
             files.append(p)
     return files
+
+
+def _is_zarr(p: Path) -> bool:
+    """A .zarr folder, or a zarr array or group folder inside one (``data.zarr/0``)."""
+    return p.suffix.lower() == ".zarr" or any((p / f).exists() for f in (".zarray", ".zgroup", "zarr.json"))
 
 
 def plan_segment(args) -> tuple[list[tuple[Path, Path, Path | None]], bool]:
