@@ -23,8 +23,7 @@ import numpy as np
 
 import napari_segdiff as ns
 from napari_segdiff.instances import label_instances
-from napari_segdiff.io import read_image
-from napari_segdiff.training.datasets import read_names
+from napari_segdiff.training.datasets import load_dataset, read_names
 from napari_segdiff.training.metrics import instance_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,25 +73,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="mask threshold of the error sort")
     args = ap.parse_args()
-    data = Path(args.data)
     model = ns.load_model(args.model)
     inst = dict(model.meta.get("instances") or {})
     method = inst.pop("method", "components")
     val = set(read_names(ROOT / "training/nuclei-he/val.txt"))
-    have = sorted(p.stem for p in (data / "instances").glob("*.png"))
-    for label, names in (("held-out", [n for n in have if n in val]), ("in-sample", [n for n in have if n not in val])):
+    have = [s for s in load_dataset(args.data) if s.instances is not None]
+    held = [s for s in have if s.name in val]
+    for label, items in (("held-out", held), ("in-sample", [s for s in have if s.name not in val])):
         kinds: dict[str, int] = {}
         maps = []
-        for n in names:
-            img = read_image(data / "images" / f"{n}.png")[..., :3]
-            gt = read_image(data / "instances" / f"{n}.png").astype(np.int64)
-            gt = gt[..., 0] if gt.ndim == 3 else gt
-            r = ns.segment(img, model, seed=args.seed, instances=True, threshold=args.threshold)
+        for s in items:
+            gt = s.instances.astype(np.int64)
+            r = ns.segment(s.image, model, seed=args.seed, instances=True, threshold=args.threshold)
             for k, v in error_kinds(gt, np.asarray(r.labels)).items():
                 kinds[k] = kinds.get(k, 0) + v
             maps.append((gt, np.asarray(r.probability), None if r.interior is None else np.asarray(r.interior)))
         at = "the model's defaults" if args.threshold is None else f"mask threshold {args.threshold:g}"
-        print(f"{label} ({len(names)} images, {at}): {kinds}")
+        print(f"{label} ({len(items)} images, {at}): {kinds}")
         for t in (float(v) for v in args.thresholds.split(",")):
             rows = []
             for gt, prob, interior in maps:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import shutil
 import signal
 import sys
@@ -47,12 +48,12 @@ def _fill(template: str, inp: Path) -> Path:
 def expand_inputs(paths: list[str]) -> list[Path]:
     """The images named on the command line; a folder (other than a zarr store or array) stands for the image
     files in it, sorted by name (hidden files left out)."""
-    from .io import READ_EXT
+    from .io import READ_EXT, is_zarr
 
     files: list[Path] = []
     for s in paths:
         p = Path(s)
-        if p.is_dir() and not _is_zarr(p):
+        if p.is_dir() and not is_zarr(p):
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in READ_EXT and not q.name.startswith("."))
             if not found:
                 raise SegDiffError(
@@ -65,39 +66,34 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
-def _is_zarr(p: Path) -> bool:
-    """A .zarr folder, or a zarr array or group folder inside one (``data.zarr/0``)."""
-    return p.suffix.lower() == ".zarr" or any((p / f).exists() for f in (".zarray", ".zgroup", "zarr.json"))
-
-
 def plan_segment(args) -> tuple[list[tuple[Path, Path, Path | None]], bool]:
-    """(input, output, table) for each image, every output checked before any work. One input and a plain
-    -o is the single-image command; several inputs, a folder, or an -o with {stem}/{name} is a batch, whose
-    -o is a folder (results named after the inputs, .tif) or a name pattern, e.g. 'out/{stem}.zarr'."""
-    from .io import WRITE_EXT, check_output
+    """(input, output, table) for each image, every output checked before any work (never an input, an
+    existing one only with --overwrite; asking for a table of objects turns --instances on). One input and a
+    plain -o is the single-image command; several inputs, a folder, or an -o with {stem}/{name} is a batch,
+    whose -o is a folder (results named after the inputs, .tif) or a name pattern, e.g. 'out/{stem}.zarr'."""
+    from .io import WRITE_EXT, check_file_output, check_output
 
     inputs = expand_inputs(args.input)
     batch = len(args.input) > 1 or len(inputs) > 1 or inputs[0] != Path(args.input[0]) or _templated(args.output)
     if not batch:
-        inp = inputs[0]
-        return [(inp, check_output(args.output, [inp], args.overwrite), _check_table(args, inp))], False
-    if _templated(args.output):
-        outs = [_fill(args.output, inp) for inp in inputs]
-    elif Path(args.output).suffix.lower() in WRITE_EXT:
-        raise SegDiffError(
-            f"{len(inputs)} images cannot all be written to {args.output!r}; give an output folder (-o results/) "
-            "or a name with {stem} in it (-o 'results/{stem}.tif')"
-        )
+        outs, tables = [Path(args.output)], [Path(args.table) if args.table else None]
     else:
-        outs = [Path(args.output) / f"{inp.stem}.tif" for inp in inputs]
-    tables: list[Path | None] = [None] * len(inputs)
-    if args.table:
-        if not _templated(args.table):
+        if _templated(args.output):
+            outs = [_fill(args.output, inp) for inp in inputs]
+        elif Path(args.output).suffix.lower() in WRITE_EXT:
+            raise SegDiffError(
+                f"{len(inputs)} images cannot all be written to {args.output!r}; give an output folder (-o "
+                "results/) or a name with {stem} in it (-o 'results/{stem}.tif')"
+            )
+        else:
+            outs = [Path(args.output) / f"{inp.stem}.tif" for inp in inputs]
+        if args.table and not _templated(args.table):
             raise SegDiffError(
                 f"--table {args.table!r} would be written once per image; put {{stem}} in its name "
                 "(--table 'results/{stem}.csv')"
             )
-        tables = [_fill(args.table, inp) for inp in inputs]
+        tables = [_fill(args.table, inp) if args.table else None for inp in inputs]
+    if args.table:
         args.instances = True
     seen: dict[Path, Path] = {}
     for inp, out, table in zip(inputs, outs, tables):
@@ -112,37 +108,27 @@ def plan_segment(args) -> tuple[list[tuple[Path, Path, Path | None]], bool]:
             seen[o.resolve()] = inp
         check_output(out, inputs, args.overwrite)
         if table is not None:
-            from .io import check_file_output
-
-            check_file_output(table, inputs, args.overwrite, (".csv",))
-    return list(zip(inputs, outs, tables)), True
+            check_file_output(table, inputs, args.overwrite, (".csv",))  # -o is never a .csv
+    return list(zip(inputs, outs, tables)), batch
 
 
 def _segment_batch(args, jobs) -> int:
-    """Each image in turn with one model (loaded once); an image that fails is reported and the rest go on.
-    Exit 0 when every image was written, 2 when some were refused as bad input, 1 when one failed otherwise."""
+    """Each image in turn with one model (loaded once); an image that fails is reported (as any command's error,
+    named) and the rest go on. Exit 0 when every image was written, 2 when some were refused as bad input, 1
+    when one failed otherwise; an interrupt stops the batch."""
     failed: list[tuple[Path, int]] = []
     for i, (inp, out, table) in enumerate(jobs):
-        try:
-            _segment_file(args, inp, out, table)
-        except SegDiffError as e:
-            if args.debug:
-                raise
-            print(f"error: {inp}: {e}", file=sys.stderr)
-            failed.append((inp, 2))
-        except (KeyboardInterrupt, Terminated) as e:
+        job = functools.partial(_segment_file, inp=inp, out=out, table=table)
+        rc = run_command(job, args, debug=args.debug, label=f"{inp}: ")
+        if rc in (130, 143):
             print(
-                f"{'interrupted' if isinstance(e, KeyboardInterrupt) else 'terminated'} at {inp.name}: the "
-                f"{i - len(failed)} results written before it are complete; nothing was written for it or the "
-                f"{len(jobs) - i - 1} after it",
+                f"the {i - len(failed)} results written before {inp.name} are complete; the {len(jobs) - i - 1} "
+                "images after it were not started",
                 file=sys.stderr,
             )
-            return 130 if isinstance(e, KeyboardInterrupt) else 143
-        except Exception as e:
-            if args.debug:
-                raise
-            print(f"error: {inp}: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
-            failed.append((inp, 1))
+            return rc
+        if rc:
+            failed.append((inp, rc))
     print(
         f"segmented {len(jobs) - len(failed)} of {len(jobs)} images"
         + (f"; not written: {', '.join(str(f) for f, _ in failed)}" if failed else "")
@@ -318,18 +304,6 @@ def is_stack(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[-1] not in (1, 3, 4) and shape[0] not in (1, 3, 4)
 
 
-def _check_table(args, inp: Path) -> Path | None:
-    """--table FILE.csv: checked before any work (never the input, an existing file only with --overwrite);
-    asking for a table of objects turns --instances on."""
-    if not args.table:
-        return None
-    from .io import check_file_output
-
-    table = check_file_output(Path(args.table), [inp], args.overwrite, (".csv",))  # -o is never a .csv
-    args.instances = True
-    return table
-
-
 def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = None) -> int:
     from tqdm import tqdm
 
@@ -455,9 +429,10 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def run_command(func, args, debug: bool = False) -> int:
+def run_command(func, args, debug: bool = False, label: str = "") -> int:
     """Every CLI command's error handling: one ``error:`` line (exit 2 for bad input or usage, 1 for a run that
-    failed unexpectedly; the traceback only with --debug), 130 on Ctrl-C and 143 on SIGTERM, temp files gone."""
+    failed unexpectedly; the traceback only with --debug), 130 on Ctrl-C and 143 on SIGTERM, temp files gone.
+    ``label`` starts the error line (a batch names the image)."""
     old = None
     with contextlib.suppress(ValueError):  # not the main thread
         old = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -466,18 +441,18 @@ def run_command(func, args, debug: bool = False) -> int:
     except SegDiffError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {label}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
+        print(f"interrupted: {label}no output was written", file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated: no output was written", file=sys.stderr)
+        print(f"terminated: {label}no output was written", file=sys.stderr)
         return 143
     except Exception as e:
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {label}{type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
         if old is not None:

@@ -71,6 +71,13 @@ def _pil_mode_image(p: Path) -> np.ndarray:
     )
 
 
+def is_zarr(p: Path) -> bool:
+    """A .zarr folder, or a zarr array or group folder inside one (``data.zarr/0``)."""
+    return p.suffix.lower() == ".zarr" or (
+        p.is_dir() and any((p / f).exists() for f in (".zarray", ".zgroup", "zarr.json"))
+    )
+
+
 def read_image(path: str | os.PathLike, lazy: bool = False, series: int | None = None):
     """Read an image. ``.zarr`` (and big tiffs when ``lazy``) come back as lazy dask arrays. A TIFF with more
     than one series gives ``series`` (default 0; a warning names the others)."""
@@ -79,7 +86,7 @@ def read_image(path: str | os.PathLike, lazy: bool = False, series: int | None =
         raise SegDiffError(f"input {str(p)!r} does not exist")
     ext = p.suffix.lower()
     try:
-        if ext == ".zarr" or (p.is_dir() and ((p / ".zarray").exists() or (p / "zarr.json").exists())):
+        if is_zarr(p):
             import dask.array as da
             import zarr
 
