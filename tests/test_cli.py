@@ -8,6 +8,7 @@ import tifffile
 import zarr
 from _helpers import tiny_model
 
+from napari_segdiff import engine as engine_mod
 from napari_segdiff import segment
 from napari_segdiff.cli import main
 from napari_segdiff.io import read_result
@@ -207,7 +208,7 @@ def test_write_result_formats_and_refusals(tmp_path):
     assert read_image(tmp_path / "r.zarr").shape == (3, 4)
 
 
-def test_a_folder_of_images_is_segmented_image_by_image(files, tmp_path, capsys):
+def test_a_folder_of_images_is_segmented_image_by_image(files, tmp_path, capsys, monkeypatch):
     """Several inputs or a folder: one result per image, each the same as the image segmented alone; the
     outputs are checked before any work, and an image that fails is reported while the others are written."""
     d, model_path, tif, img = files
@@ -244,6 +245,45 @@ def test_a_folder_of_images_is_segmented_image_by_image(files, tmp_path, capsys)
     assert sorted(p.name for p in res.iterdir()) == ["a.csv", "a_seg.zarr", "in.csv", "in_seg.zarr"]
     labels = read_result(res / "in_seg.zarr")["labels"]
     assert len((res / "in.csv").read_text().splitlines()) - 1 == labels.max()
+    # one table for the batch: every image's objects, named in the first column, the same rows as alone
+    assert (
+        _run(
+            "segment",
+            folder / "a.tif",
+            tif,
+            "-o",
+            tmp_path / "both",
+            "--table",
+            res / "all.csv",
+            "--model",
+            model_path,
+            *FAST,
+        )
+        == 0
+    )
+    assert "objects of 2 images in" in capsys.readouterr().out
+    lines = (res / "all.csv").read_text().splitlines()
+    own = {"a": (res / "a.csv").read_text().splitlines(), "in": (res / "in.csv").read_text().splitlines()}
+    assert lines[0] == "image," + own["a"][0]
+    assert lines[1:] == [f"{folder / 'a.tif'},{r}" for r in own["a"][1:]] + [f"{tif},{r}" for r in own["in"][1:]]
+    assert len(own["a"]) > 1 and len(own["in"]) > 1
+    # interrupted at the second image: its result is not written, the table holds the first image's objects
+    sampler, calls = engine_mod.TileSampler.__call__, []
+
+    def interrupt_second_image(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:  # the first image's tiles are one batch, one call
+            raise KeyboardInterrupt
+        return sampler(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.TileSampler, "__call__", interrupt_second_image)
+    part = tmp_path / "part"
+    argv = ["segment", folder / "a.tif", tif, "-o", part, "--table", part / "t.csv", "--model", model_path, *FAST]
+    assert _run(*argv, "--batch-size", "64") == 130
+    assert "after it were not started" in capsys.readouterr().err
+    assert sorted(p.name for p in part.iterdir()) == ["a.tif", "t.csv"]
+    assert (part / "t.csv").read_text().splitlines() == lines[: len(own["a"])]
+    monkeypatch.undo()
     # refused before any work, nothing written
     capsys.readouterr()
     tifffile.imwrite(tmp_path / "a.tif", img)
@@ -252,7 +292,7 @@ def test_a_folder_of_images_is_segmented_image_by_image(files, tmp_path, capsys)
     for argv, message in [
         ([folder, "-o", tmp_path / "one.tif"], "give an output folder"),
         ([folder, "-o", out], "already exists"),  # a.tif is there: refused before b.tif is written either
-        ([folder, "-o", tmp_path / "new", "--table", tmp_path / "t.csv"], "put {stem} in its name"),
+        ([folder, "-o", tmp_path / "new", "--table", res / "all.csv"], "already exists"),  # the batch's table
         ([folder / "a.tif", tmp_path / "a.tif", "-o", tmp_path / "new"], "would both be written"),
         ([tmp_path / "a.tif", "-o", f"{tmp_path}/{{stem}}.tif", "--overwrite"], "is the input"),
         ([tmp_path / "empty", "-o", tmp_path / "new"], "holds no images"),

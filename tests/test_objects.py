@@ -10,7 +10,7 @@ from skimage.measure import regionprops
 
 from napari_segdiff import SegDiffError, objects
 from napari_segdiff.engine import SegmentationResult
-from napari_segdiff.objects import object_table, result_table, table_csv
+from napari_segdiff.objects import object_table, result_table, table_csv, tables_csv
 
 
 def _ellipses(shape=(120, 140)):
@@ -89,6 +89,21 @@ def test_csv_round_trip():
     assert [int(r["label"]) for r in rows] == [1, 2, 3, 7]
     assert float(rows[1]["area_m2"]) == pytest.approx(t["area_m2"][1], rel=1e-5)
     assert float(rows[0]["mean_variance"]) == 0.125
+
+
+def test_tables_of_several_images_share_one_csv():
+    """A batch's one table: the image first, the union of the columns (units only where an image had a pixel
+    size), empty cells where an image lacks a column, no row for an image without objects."""
+    lab = _ellipses()
+    plain = object_table(lab)
+    sized = object_table(lab[:, ::-1], variance=np.full(lab.shape, 0.5), pixel_size=0.5, unit="um")
+    empty = object_table(np.zeros((4, 4), np.int32))
+    rows = list(csv.DictReader(io.StringIO(tables_csv([("a.tif", plain), ("none.tif", empty), ("b.tif", sized)]))))
+    assert [r["image"] for r in rows] == ["a.tif"] * 4 + ["b.tif"] * 4
+    assert list(rows[0]) == ["image", *plain, *(c for c in sized if c not in plain)]
+    assert rows[0]["area_um2"] == "" and rows[0]["mean_variance"] == ""
+    assert float(rows[5]["area_um2"]) == pytest.approx(sized["area_um2"][1], rel=1e-5)
+    assert [int(r["label"]) for r in rows] == [1, 2, 3, 7] * 2
 
 
 def test_result_table_uses_the_run_pixel_size():

@@ -1,7 +1,7 @@
 """`napari-segdiff`: segment images from the shell.
 
 napari-segdiff segment IMAGE -o OUT.tif [--model nuclei-he] [--samples 5] [--steps 10] ...
-napari-segdiff segment images/ -o results/ --instances --table 'results/{stem}.csv'   (every image of a folder)
+napari-segdiff segment images/ -o results/ --table results/objects.csv   (every image of a folder, one table)
 napari-segdiff segment big.zarr -o out.zarr --scheduler tcp://host:8786
 napari-segdiff models
 napari-segdiff eval --model nuclei-he --data DIR      (same as napari-segdiff-train eval)
@@ -26,10 +26,10 @@ from .objects import result_table, write_csv
 
 
 def cmd_segment(args) -> int:
-    jobs, batch = plan_segment(args)
+    jobs, batch, batch_table = plan_segment(args)
     if not batch:
         return _segment_file(args, *jobs[0])
-    return _segment_batch(args, jobs)
+    return _segment_batch(args, jobs, batch_table)
 
 
 #: what an output (or --table) name may hold to give each input its own: the input's name without, and with,
@@ -66,15 +66,18 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
-def plan_segment(args) -> tuple[list[tuple[Path, Path, Path | None]], bool]:
-    """(input, output, table) for each image, every output checked before any work (never an input, an
-    existing one only with --overwrite; asking for a table of objects turns --instances on). One input and a
-    plain -o is the single-image command; several inputs, a folder, or an -o with {stem}/{name} is a batch,
-    whose -o is a folder (results named after the inputs, .tif) or a name pattern, e.g. 'out/{stem}.zarr'."""
+def plan_segment(args) -> tuple[list[tuple[Path, Path, Path | None]], bool, Path | None]:
+    """(input, output, table) for each image, whether it is a batch, and the batch's one table; every output
+    checked before any work (never an input, an existing one only with --overwrite; asking for a table of
+    objects turns --instances on). One input and a plain -o is the single-image command; several inputs, a
+    folder, or an -o with {stem}/{name} is a batch, whose -o is a folder (results named after the inputs,
+    .tif) or a name pattern, e.g. 'out/{stem}.zarr', and whose --table is one table for every image (an
+    ``image`` column first) or, with {stem}/{name}, one per image."""
     from .io import WRITE_EXT, check_file_output, check_output
 
     inputs = expand_inputs(args.input)
     batch = len(args.input) > 1 or len(inputs) > 1 or inputs[0] != Path(args.input[0]) or _templated(args.output)
+    batch_table = None
     if not batch:
         outs, tables = [Path(args.output)], [Path(args.table) if args.table else None]
     else:
@@ -88,14 +91,13 @@ def plan_segment(args) -> tuple[list[tuple[Path, Path, Path | None]], bool]:
         else:
             outs = [Path(args.output) / f"{inp.stem}.tif" for inp in inputs]
         if args.table and not _templated(args.table):
-            raise SegDiffError(
-                f"--table {args.table!r} would be written once per image; put {{stem}} in its name "
-                "(--table 'results/{stem}.csv')"
-            )
-        tables = [_fill(args.table, inp) if args.table else None for inp in inputs]
+            batch_table = Path(args.table)
+        tables = [_fill(args.table, inp) if args.table and not batch_table else None for inp in inputs]
     if args.table:
         args.instances = True
     seen: dict[Path, Path] = {}
+    if batch_table is not None:
+        check_file_output(batch_table, inputs, args.overwrite, (".csv",))
     for inp, out, table in zip(inputs, outs, tables):
         for o in (out, table):
             if o is None:
@@ -109,26 +111,38 @@ def plan_segment(args) -> tuple[list[tuple[Path, Path, Path | None]], bool]:
         check_output(out, inputs, args.overwrite)
         if table is not None:
             check_file_output(table, inputs, args.overwrite, (".csv",))  # -o is never a .csv
-    return list(zip(inputs, outs, tables)), batch
+    return list(zip(inputs, outs, tables)), batch, batch_table
 
 
-def _segment_batch(args, jobs) -> int:
+def _segment_batch(args, jobs, batch_table: Path | None = None) -> int:
     """Each image in turn with one model (loaded once); an image that fails is reported (as any command's error,
     named) and the rest go on. Exit 0 when every image was written, 2 when some were refused as bad input, 1
-    when one failed otherwise; an interrupt stops the batch."""
+    when one failed otherwise; an interrupt stops the batch. The batch's table holds the objects of every
+    image whose result was written, also when the batch stopped early."""
     failed: list[tuple[Path, int]] = []
-    for i, (inp, out, table) in enumerate(jobs):
-        job = functools.partial(_segment_file, inp=inp, out=out, table=table)
-        rc = run_command(job, args, debug=args.debug, label=f"{inp}: ")
-        if rc in (130, 143):
+    rows: list[tuple[str, dict]] | None = [] if batch_table is not None else None
+    rc = 0
+    try:
+        for i, (inp, out, table) in enumerate(jobs):
+            job = functools.partial(_segment_file, inp=inp, out=out, table=table, collect=rows)
+            rc = run_command(job, args, debug=args.debug, label=f"{inp}: ")
+            if rc in (130, 143):
+                print(
+                    f"the {i - len(failed)} results written before {inp.name} are complete; the "
+                    f"{len(jobs) - i - 1} images after it were not started",
+                    file=sys.stderr,
+                )
+                return rc
+            if rc:
+                failed.append((inp, rc))
+    finally:
+        if rows:
+            write_csv(batch_table, rows)
             print(
-                f"the {i - len(failed)} results written before {inp.name} are complete; the {len(jobs) - i - 1} "
-                "images after it were not started",
-                file=sys.stderr,
+                f"{sum(len(next(iter(t.values()), ())) for _, t in rows)} objects of {len(rows)} images in "
+                f"{batch_table}",
+                file=sys.stderr if rc in (130, 143) else sys.stdout,
             )
-            return rc
-        if rc:
-            failed.append((inp, rc))
     print(
         f"segmented {len(jobs) - len(failed)} of {len(jobs)} images"
         + (f"; not written: {', '.join(str(f) for f, _ in failed)}" if failed else "")
@@ -137,9 +151,9 @@ def _segment_batch(args, jobs) -> int:
     return 1 if 1 in codes else 2 if codes else 0
 
 
-def _segment_file(args, inp: Path, out: Path, table: Path | None) -> int:
+def _segment_file(args, inp: Path, out: Path, table: Path | None, collect: list | None = None) -> int:
     try:
-        return _cmd_segment(args, inp, out, table)
+        return _cmd_segment(args, inp, out, table, collect)
     except Exception as e:  # data that fails while its tiles are read (lazily): say which file and what
         if type(e).__module__.split(".")[0] in ("tifffile", "zarr", "numcodecs", "PIL", "imagecodecs"):
             raise SegDiffError(
@@ -149,7 +163,9 @@ def _segment_file(args, inp: Path, out: Path, table: Path | None) -> int:
         raise
 
 
-def _cmd_segment(args, inp: Path, out: Path, table: Path | None) -> int:
+def _cmd_segment(args, inp: Path, out: Path, table: Path | None, collect: list | None = None) -> int:
+    """Segment one image into ``out``; its objects go to ``table`` and, for a batch's one table, are appended
+    to ``collect`` as (input, rows) once the result is written."""
     from tqdm import tqdm
 
     from .engine import Progress, SegmentationResult, drain, iter_segment
@@ -192,7 +208,7 @@ def _cmd_segment(args, inp: Path, out: Path, table: Path | None) -> int:
     if args.instances:
         kw["instances"] = True
     if is_stack(image.shape):
-        return _segment_stack_cli(args, image, inp, out, client, kw, table)
+        return _segment_stack_cli(args, image, inp, out, client, kw, table, collect)
     if geojson and is_stack(image.shape):
         raise SegDiffError("GeoJSON output works on 2-D images; write a stack to .tif or .zarr")
     stream = out.suffix.lower() == ".zarr"
@@ -217,7 +233,7 @@ def _cmd_segment(args, inp: Path, out: Path, table: Path | None) -> int:
         if bar is not None:
             bar.close()
         # measured now: a streamed result's arrays live in the temp store until it is renamed
-        rows = result_table(result) if table is not None else None
+        rows = result_table(result) if table is not None or collect is not None else None
         if stream:
             import zarr
 
@@ -242,6 +258,8 @@ def _cmd_segment(args, inp: Path, out: Path, table: Path | None) -> int:
     if table is not None:
         write_csv(table, rows)
         extra += f" (one row each in {table})"
+    if collect is not None:
+        collect.append((str(inp), rows))
     if "pixel_size" in info:
         extra += (
             f", pixel size {info['pixel_size']:g} {info['pixel_unit']} (model {info['model_pixel_size']:g} "
@@ -304,7 +322,7 @@ def is_stack(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[-1] not in (1, 3, 4) and shape[0] not in (1, 3, 4)
 
 
-def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = None) -> int:
+def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = None, collect=None) -> int:
     from tqdm import tqdm
 
     from .engine import SegmentationResult, drain
@@ -339,10 +357,13 @@ def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = N
             bar.close()
     result = SegmentationResult(res.probability, res.variance, res.mask, res.info, res.labels)
     write_result(result, out, overwrite=args.overwrite, inputs=(inp,))
-    extra = ""
+    extra = f", {res.info['objects']} objects" if "objects" in res.info else ""
+    rows = result_table(result) if table is not None or collect is not None else None
     if table is not None:
-        write_csv(table, result_table(result))
-        extra = f", {res.info['objects']} objects (one row each in {table})"
+        write_csv(table, rows)
+        extra += f" (one row each in {table})"
+    if collect is not None:
+        collect.append((str(inp), rows))
     print(f"wrote {out}: {res.info['slices']} slices, model {res.info['model']}, {res.info['seconds']:.1f} s{extra}")
     return 0
 
@@ -402,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.csv",
         help="also write one row per object: area, centroid, axes, eccentricity, mean probability and mean "
         "variance (the model's uncertainty about the object); physical units with a known pixel size. "
-        "Turns --instances on. For several images a name with {stem} in it ('results/{stem}.csv')",
+        "Turns --instances on. For several images: one table with the image's path in its first column, or "
+        "one per image with {stem} in the name ('results/{stem}.csv')",
     )
     s.add_argument("--series", type=int, default=None, help="which image series of a multi-series TIFF (default 0)")
     add_arguments(s, SamplingConfig, ("seed", "threshold", "object_threshold"))

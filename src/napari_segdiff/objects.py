@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,13 +141,37 @@ def table_csv(table: Mapping[str, Any]) -> str:
     w.writerow(cols)
     arrays = [np.asarray(table[c]) for c in cols]
     for row in zip(*arrays):
-        w.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else int(v) for v in row])
+        w.writerow([_cell(v) for v in row])
     return buf.getvalue()
 
 
-def write_csv(path, table: Mapping[str, Any]) -> None:
-    """:func:`table_csv` written to a temp name beside ``path``, then renamed."""
+def _cell(v) -> str | int:
+    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else int(v)
+
+
+def tables_csv(tables: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Several images' tables as one CSV: an ``image`` column first (the name each table comes with), then
+    the union of their columns in order of first appearance; a column one image lacks (physical units where
+    only some files recorded a pixel size, the plane of a stack) is left empty in its rows. An image with no
+    objects adds no row."""
+    cols: list[str] = []
+    for _, t in tables:
+        cols += [c for c in t if c not in cols]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", *cols])
+    for name, t in tables:
+        arrays = {c: np.asarray(v) for c, v in t.items()}
+        n = len(next(iter(arrays.values()))) if arrays else 0
+        for i in range(n):
+            w.writerow([name, *(_cell(arrays[c][i]) if c in arrays else "" for c in cols)])
+    return buf.getvalue()
+
+
+def write_csv(path, table: Mapping[str, Any] | Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """:func:`table_csv` of one table, or :func:`tables_csv` of (image name, table) pairs, written to a temp
+    name beside ``path``, then renamed."""
     from .io import atomic_write_bytes
 
-    text = table_csv(table)
+    text = table_csv(table) if isinstance(table, Mapping) else tables_csv(table)
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
