@@ -227,40 +227,16 @@ def test_a_folder_of_images_is_segmented_image_by_image(files, tmp_path, capsys,
         np.testing.assert_array_equal(read_result(out / f"{name}.tif")["probability"], alone.probability)
     # a name pattern, with a table per image; files and folders may be mixed
     res = tmp_path / "res"
-    assert (
-        _run(
-            "segment",
-            folder / "a.tif",
-            tif,
-            "-o",
-            f"{res}/{{stem}}_seg.zarr",
-            "--table",
-            f"{res}/{{stem}}.csv",
-            "--model",
-            model_path,
-            *FAST,
-        )
-        == 0
-    )
+
+    def two_images(out, table, *more):
+        return _run("segment", folder / "a.tif", tif, "-o", out, "--table", table, "--model", model_path, *FAST, *more)
+
+    assert two_images(f"{res}/{{stem}}_seg.zarr", f"{res}/{{stem}}.csv") == 0
     assert sorted(p.name for p in res.iterdir()) == ["a.csv", "a_seg.zarr", "in.csv", "in_seg.zarr"]
     labels = read_result(res / "in_seg.zarr")["labels"]
     assert len((res / "in.csv").read_text().splitlines()) - 1 == labels.max()
     # one table for the batch: every image's objects, named in the first column, the same rows as alone
-    assert (
-        _run(
-            "segment",
-            folder / "a.tif",
-            tif,
-            "-o",
-            tmp_path / "both",
-            "--table",
-            res / "all.csv",
-            "--model",
-            model_path,
-            *FAST,
-        )
-        == 0
-    )
+    assert two_images(tmp_path / "both", res / "all.csv") == 0
     assert "objects of 2 images in" in capsys.readouterr().out
     lines = (res / "all.csv").read_text().splitlines()
     own = {"a": (res / "a.csv").read_text().splitlines(), "in": (res / "in.csv").read_text().splitlines()}
@@ -278,8 +254,7 @@ def test_a_folder_of_images_is_segmented_image_by_image(files, tmp_path, capsys,
 
     monkeypatch.setattr(engine_mod.TileSampler, "__call__", interrupt_second_image)
     part = tmp_path / "part"
-    argv = ["segment", folder / "a.tif", tif, "-o", part, "--table", part / "t.csv", "--model", model_path, *FAST]
-    assert _run(*argv, "--batch-size", "64") == 130
+    assert two_images(part, part / "t.csv", "--batch-size", "64") == 130
     assert "after it were not started" in capsys.readouterr().err
     assert sorted(p.name for p in part.iterdir()) == ["a.tif", "t.csv"]
     assert (part / "t.csv").read_text().splitlines() == lines[: len(own["a"])]
