@@ -172,14 +172,20 @@ def test_grey_input_channels():
     assert _forward(net, 32).shape == (1, 1, 32, 32)
 
 
-def _reference_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
-    """Multi-head self-attention over the pixels written out with einsum and softmax (the oracle)."""
+def _reference_attention(attn: Attention, x: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Multi-head self-attention over the pixels written out with einsum and softmax (the oracle); with
+    ``window``, a pixel attends only to the pixels of its own ``window`` x ``window`` block."""
     b, c, h, w = x.shape
     heads, d = attn.heads, c // attn.heads
     t = attn.norm(x).reshape(b, c, h * w)
     qkv = torch.einsum("oc,bcn->bon", attn.qkv.weight[:, :, 0], t) + attn.qkv.bias[None, :, None]
     q, k, v = qkv.reshape(b, 3, heads, d, h * w).unbind(1)  # channel order (3, heads, d)
-    weights = torch.softmax(torch.einsum("bhdn,bhdm->bhnm", q, k) / d**0.5, dim=-1)
+    scores = torch.einsum("bhdn,bhdm->bhnm", q, k) / d**0.5
+    if window:
+        yy, xx = torch.meshgrid(torch.arange(h) // window, torch.arange(w) // window, indexing="ij")
+        block = (yy * w + xx).reshape(-1)
+        scores = scores.masked_fill(block[:, None] != block[None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhnm,bhdm->bhdn", weights, v).reshape(b, c, h * w)
     out = torch.einsum("oc,bcn->bon", attn.proj.weight[:, :, 0], out) + attn.proj.bias[None, :, None]
     return x + out.reshape(b, c, h, w)
@@ -209,3 +215,41 @@ def test_attention_takes_the_fused_cpu_kernel():
     ops = {e.key for e in prof.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops, sorted(ops)
     assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_local_attention_attends_within_blocks(channels_last):
+    """A window: each pixel attends to its own block only (the oracle masks the other blocks' scores); a grid
+    no larger than the window, or not a multiple of it, is attended to whole."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, tokens=3).eval()
+    torch.nn.init.normal_(attn.proj.weight, std=0.2)
+    x = torch.randn(2, 32, 6, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = attn(x)
+        attn.window = 3
+        got = attn(x)
+        want = _reference_attention(attn, x, window=3)
+        assert (got - whole).abs().max() > 1e-3  # the blocks really change the result
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for shape in ((2, 32, 3, 3), (2, 32, 6, 8)):  # one block; not a multiple of 3
+            y = torch.randn(shape)
+            torch.testing.assert_close(attn(y), _reference_attention(attn, y), atol=1e-5, rtol=1e-5)
+
+
+def test_local_attention_windows_are_the_training_crop():
+    """set_local_attention gives every attention the window of a training crop's grid: the network is unchanged
+    at the crop size and differs on a tile of two crops a side."""
+    cfg = PRESETS["cpu-small"]
+    torch.manual_seed(0)
+    net = _perturbed(SegDiffNet(cfg).eval())
+    attns = [m for m in net.modules() if isinstance(m, Attention)]
+    assert {m.tokens for m in attns} == {cfg.image_size // 8} and not net.local_attention
+    plain = {s: _forward(net, s) for s in (cfg.image_size, 2 * cfg.image_size)}
+    net.set_local_attention(True)
+    assert net.local_attention and {m.window for m in attns} == {cfg.image_size // 8}
+    assert torch.equal(_forward(net, cfg.image_size), plain[cfg.image_size])
+    assert (_forward(net, 2 * cfg.image_size) - plain[2 * cfg.image_size]).abs().max() > 1e-4
+    assert not net.set_local_attention(False).local_attention

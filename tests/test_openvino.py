@@ -42,6 +42,28 @@ def test_openvino_fp32_equals_torch(model, tta):
 
 
 @needs_openvino
+def test_local_attention_same_in_both_runtimes(model, tmp_path, monkeypatch):
+    """meta['attention'] = 'window': tiles of two crops a side are attended to by blocks in both runtimes (and
+    differ from global attention), a tile that is not a multiple of the crop whole in both; the caller's model
+    keeps its global attention."""
+    monkeypatch.setenv(_openvino.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(_openvino, "_COMPILED", type(_openvino._COMPILED)())
+    local = copy.deepcopy(model)
+    local.meta["attention"] = "window"
+    kw = dict(samples=2, steps=2, seed=0, precision="fp32")
+    img = _image(2, size=96)
+    for tile, blocks in ((64, True), (48, False)):
+        a = ns.segment(img, local, runtime="torch", tile=tile, **kw)
+        b = ns.segment(img, local, runtime="openvino", tile=tile, **kw)
+        np.testing.assert_allclose(b.probability, a.probability, atol=2e-4)
+        g = ns.segment(img, model, runtime="torch", tile=tile, **kw)
+        assert (np.abs(g.probability - a.probability).max() > 1e-3) == blocks
+    assert not local.net.local_attention and not model.net.local_attention
+    conversions = [p for p in _openvino.cache_dir().iterdir() if not p.name.startswith(".")]
+    assert len(conversions) == 2  # local, and global for the 48 tile (keyed apart)
+
+
+@needs_openvino
 def test_openvino_bf16_close_to_torch(model):
     kw = dict(samples=3, steps=3, tile=32, seed=0)
     a = ns.segment(_image(1), model, runtime="torch", precision="fp32", **kw)

@@ -103,7 +103,7 @@ def ir_key(net: torch.nn.Module) -> str:
     from . import network
 
     h = hashlib.sha256()
-    h.update(f"{FORMAT}|{torch.__version__}|{version()}|{net.config!r}".encode())
+    h.update(f"{FORMAT}|{torch.__version__}|{version()}|{net.config!r}|local={net.local_attention}".encode())
     h.update(inspect.getsource(network).encode())
     for name, tensor in net.state_dict().items():
         h.update(name.encode())
@@ -117,7 +117,9 @@ def _convert(net: torch.nn.Module, dest: Path) -> None:
 
     global conversions
     cfg = net.config
-    side = 4 * cfg.downsample_factor  # a small example: the shapes stay dynamic
+    # a small example (the shapes stay dynamic); with local attention one of two crops a side, so that the
+    # traced graph holds the attention by blocks (it serves tiles whose sides are multiples of the crop)
+    side = 2 * cfg.image_size if net.local_attention else 4 * cfg.downsample_factor
     c = cfg.base_channels
     img = torch.zeros(1, cfg.in_channels, side, side)
     x = torch.zeros(1, cfg.mask_channels, side, side)
@@ -208,19 +210,35 @@ def _array(x: torch.Tensor) -> np.ndarray:
 
 class OpenVINONet:
     """The two calls the engine makes of a :class:`~napari_segdiff.network.SegDiffNet`, run by OpenVINO:
-    ``encode_image(image)`` and ``net(x_t, t, features=...)``, torch tensors in and out (float32)."""
+    ``encode_image(image)`` and ``net(x_t, t, features=...)``, torch tensors in and out (float32).
+
+    A network with local attention is converted as it is, for tiles whose sides are multiples of its crop
+    (``image_size``), and, only when a tile of another size comes, also with global attention: what the torch
+    network does with such a tile."""
 
     def __init__(self, net: torch.nn.Module, precision: str = "fp32", threads: int | None = None):
         require()
         self.precision = precision
         self.threads = int(threads or torch.get_num_threads())
+        self._net = net
+        self._crop = net.config.image_size if net.local_attention else 0
         enc, den = compiled(net, precision, self.threads)
         self._enc, self._den = enc.create_infer_request(), den.create_infer_request()
+        self._den_global = None
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         out = self._enc.infer([_array(image)])
         return torch.from_numpy(np.asarray(out[0]))
 
+    def _denoiser(self, h: int, w: int):
+        if not self._crop or (h % self._crop == 0 and w % self._crop == 0):
+            return self._den
+        if self._den_global is None:
+            plain = copy.deepcopy(self._net).set_local_attention(False)
+            self._den_global = compiled(plain, self.precision, self.threads)[1].create_infer_request()
+        return self._den_global
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        out = self._den.infer([_array(x_t), _array(t.long()), _array(features)])
+        den = self._denoiser(*x_t.shape[-2:])
+        out = den.infer([_array(x_t), _array(t.long()), _array(features)])
         return torch.from_numpy(np.asarray(out[0]))

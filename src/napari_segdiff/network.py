@@ -97,28 +97,43 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the spatial positions."""
+    """Multi-head self-attention over the spatial positions: all of them (the paper's), or, with ``window``
+    set, those within each ``window`` x ``window`` block of positions (local attention).
 
-    def __init__(self, ch: int, heads: int):
+    ``tokens`` is the side of the position grid this attention sees in a training crop (``image_size`` /
+    2**level): the window :meth:`SegDiffNet.set_local_attention` gives it, so that a tile larger than the
+    training crops is attended to in blocks the size of a crop, as in training, at a cost that grows with the
+    tile's area instead of its square. A grid that is not a multiple of the window is attended to whole."""
+
+    def __init__(self, ch: int, heads: int, tokens: int = 0):
         super().__init__()
         self.heads = heads if ch % heads == 0 else 1
         self.norm = _norm(ch)
         self.qkv = nn.Conv1d(ch, 3 * ch, 1)
         self.proj = _zero(nn.Conv1d(ch, ch, 1))
+        self.tokens = int(tokens)
+        self.window = 0  # 0: global attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Work token-major, (b, hw, c): for a channels-last x this view is free, and q, k, v then have a
+        # Work token-major, (n, tokens, c): for a channels-last x this view is free, and q, k, v then have a
         # unit stride in their last (head) dimension, which the fused CPU SDPA kernel requires; with the
         # (b, c, hw) layout torch falls back to its math path (bmm + softmax + NaN guards), x1.5-2 slower.
         # The 1x1 Conv1d weights are applied as linear maps, so the state dict is unchanged.
         b, c, h, w = x.shape
-        d = c // self.heads
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        qkv = Fn.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (b, hw, 3c), channel order (3, heads, d)
-        q, k, v = qkv.reshape(b, h * w, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # each (b, heads, hw, d)
+        d, s = c // self.heads, self.window
+        t = self.norm(x).permute(0, 2, 3, 1)  # (b, h, w, c)
+        local = s > 0 and h % s == 0 and w % s == 0 and (h > s or w > s)
+        if local:  # (b * blocks, s * s, c): each block of s x s positions a sequence of its own
+            t = t.reshape(b, h // s, s, w // s, s, c).transpose(2, 3)
+        n, m = (b * (h // s) * (w // s), s * s) if local else (b, h * w)
+        tokens = t.reshape(n, m, c)
+        qkv = Fn.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (n, m, 3c), channel order (3, heads, d)
+        q, k, v = qkv.reshape(n, m, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # each (n, heads, m, d)
         out = Fn.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, h * w, c)
+        out = out.transpose(1, 2).reshape(n, m, c)
         out = Fn.linear(out, self.proj.weight[:, :, 0], self.proj.bias)
+        if local:
+            out = out.reshape(b, h // s, w // s, s, s, c).transpose(2, 3)
         return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -143,10 +158,10 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """A residual block, optionally followed by attention."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, attn: bool, heads: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, attn: bool, heads: int, dropout: float, tokens: int = 0):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, temb_ch, dropout)
-        self.attn = Attention(out_ch, heads) if attn else None
+        self.attn = Attention(out_ch, heads, tokens) if attn else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         x = self.res(x, temb)
@@ -187,7 +202,8 @@ class SegDiffNet(nn.Module):
         n_levels = len(cfg.channel_mult)
         for lvl, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(_Level(ch, mult * C, temb_ch, lvl in attn_levels, heads, drop))
+                tokens = cfg.image_size // 2**lvl
+                self.down.append(_Level(ch, mult * C, temb_ch, lvl in attn_levels, heads, drop, tokens))
                 ch = mult * C
                 skip_chs.append(ch)
             if lvl != n_levels - 1:
@@ -195,19 +211,34 @@ class SegDiffNet(nn.Module):
                 skip_chs.append(ch)
         # bottleneck: res - attn - res
         self.mid1 = ResBlock(ch, ch, temb_ch, drop)
-        self.mid_attn = Attention(ch, heads)
+        self.mid_attn = Attention(ch, heads, cfg.image_size // 2 ** (n_levels - 1))
         self.mid2 = ResBlock(ch, ch, temb_ch, drop)
         # decoder D
         self.up = nn.ModuleList()
         for lvl, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(_Level(ch + skip_chs.pop(), mult * C, temb_ch, lvl in attn_levels, heads, drop))
+                tokens = cfg.image_size // 2**lvl
+                self.up.append(_Level(ch + skip_chs.pop(), mult * C, temb_ch, lvl in attn_levels, heads, drop, tokens))
                 ch = mult * C
             if lvl != 0:
                 self.up.append(Upsample(ch))
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, cfg.mask_channels, 3, padding=1)))
 
     # ------------------------------------------------------------
+    def set_local_attention(self, on: bool) -> SegDiffNet:
+        """Attention within blocks of a training crop's size (``image_size`` network pixels) instead of over the
+        whole tile: the same computation on tiles no larger than the crops, and on larger ones (whose sides are
+        multiples of ``image_size``) the attention the network was trained with, at a cost linear in the
+        tile's area (a model's ``meta['attention'] = 'window'``)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.window = m.tokens if on else 0
+        return self
+
+    @property
+    def local_attention(self) -> bool:
+        return any(m.window for m in self.modules() if isinstance(m, Attention))
+
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         if self.time_table is not None:
             return self.time_table(t.long())
