@@ -756,16 +756,18 @@ BEFORE_SAMPLING = {"samples": 3, "steps": 2}
 
 def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: str | None) -> dict:
     """The default model at its defaults, now, against the path before the speed work, side by side in this
-    process: 'before' = attention forced onto PyTorch's math fallback (what the old layout got), the torch
-    runtime, no tile skipping; 'now' = the defaults (fused SDPA attention, runtime auto: OpenVINO where
+    process: 'before' = attention over the whole tile forced onto PyTorch's math fallback (what the old layout
+    got), the torch runtime, no tile skipping; 'now' = the defaults (fused SDPA attention, runtime auto: OpenVINO where
     installed on an AVX-512 CPU, skipping on); 'torch' = the defaults on the torch runtime, so a machine where
     the second runtime does not help shows what the rest gives. Same seed; masks compared; validation Dice of
     each where the data is here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     before_kw = dict(runtime="torch", skip_empty=False, **BEFORE_SAMPLING)
+    plain = copy.copy(model)  # global attention, as before local attention
+    plain.meta = {k: v for k, v in model.meta.items() if k != "attention"}
     paths = {
-        "before": lambda img: _with(sdpa_kernel([SDPBackend.MATH]), ns.segment, img, model, seed=0, **before_kw),
+        "before": lambda img: _with(sdpa_kernel([SDPBackend.MATH]), ns.segment, img, plain, seed=0, **before_kw),
         "torch": lambda img: ns.segment(img, model, seed=0, runtime="torch"),
         "now": lambda img: ns.segment(img, model, seed=0),
         "now_old_sampling": lambda img: ns.segment(img, model, seed=0, **BEFORE_SAMPLING),
@@ -828,6 +830,46 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
         }
         print(f"  speedup validation: {res['validation']}", flush=True)
     return res
+
+
+def bench_window(model: SegDiffModel, sizes, tiles=(256, 512)) -> list[dict]:
+    """segment() at its defaults with each tile side, attention over the whole tile (global) and by blocks of a
+    training crop (local: meta['attention'] = 'window'), interleaved in this process (best of 3 at 512 px, of
+    2 above); masks compared with the first configuration's."""
+    variants = {}
+    for tile in tiles:
+        for attention in ("global", "window"):
+            m = copy.copy(model)
+            m.meta = {**model.meta, "attention": attention}
+            variants[f"tile {tile}, {'local' if attention == 'window' else 'global'}"] = (m, tile)
+    base = sample_512()
+    for m, tile in variants.values():  # conversions and compiles are not timed
+        ns.segment(base, m, tile=tile, seed=0)
+    rows = []
+    for size in sizes:
+        reps = -(-size // base.shape[0])
+        img = np.ascontiguousarray(np.tile(base, (reps, reps, 1))[:size, :size])
+        best: dict = {}
+        masks = {}
+        for _ in range(3 if size <= 512 else 2):
+            for name, (m, tile) in variants.items():
+                t0 = time.perf_counter()
+                r = ns.segment(img, m, tile=tile, seed=0)
+                best[name] = min(best.get(name, 1e18), time.perf_counter() - t0)
+                masks[name] = np.asarray(r.mask)
+        first = next(iter(variants))
+        for name in variants:
+            row = {
+                "size": size,
+                "variant": name,
+                "seconds": best[name],
+                "mpx_per_min": size * size / 1e6 / (best[name] / 60),
+                "relative_time": best[name] / best[first],
+                "mask_agreement_with_first": float((masks[name] == masks[first]).mean()),
+            }
+            print(f"  window {row}", flush=True)
+            rows.append(row)
+    return rows
 
 
 def bench_repeat(reps: int = 5) -> dict:
@@ -955,6 +997,8 @@ def main(argv=None) -> int:
         )
     if "slide" in parts:
         res["slide"] = bench_slide(2048, 1024) if args.quick else bench_slide(args.slide_size, args.slide_crop)
+    if "window" in parts:
+        res["window"] = bench_window(model, [512] if args.quick else [int(v) for v in args.speedup_sizes.split(",")])
     if "speedup" in parts:
         res["speedup"] = bench_speedup(
             model, [int(v) for v in args.speedup_sizes.split(",")], args.val_data, args.val_names
