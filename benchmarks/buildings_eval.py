@@ -16,6 +16,7 @@ statistics (strength S in [0, 1], default 1). A test-time experiment; the models
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import time
@@ -69,8 +70,13 @@ def evaluate(
     tta=None,
     threshold=None,
     recolour=None,
+    tile=None,
+    attention=None,
 ):
     meta = tiles(data)
+    if attention:  # 'window' or 'global', over what the model records
+        model = copy.copy(ns.load_model(model))
+        model.meta = {**model.meta, "attention": attention}
     move = recolourer(recolour, data, [n for n in meta if n not in set(names)]) if recolour else None
     rows = []
     for n in names:
@@ -81,7 +87,7 @@ def evaluate(
         inst = read_image(data / "instances" / f"{n}.png").astype(np.int64)
         kw = {"pixel_size": float(meta[n]["gsd_m"])} if use_pixel_size else {}
         # None: the model's recommended sampling (steps=None would mean all T diffusion steps)
-        opts = (("samples", samples), ("steps", steps), ("tta", tta), ("threshold", threshold))
+        opts = (("samples", samples), ("steps", steps), ("tta", tta), ("threshold", threshold), ("tile", tile))
         kw.update({k: v for k, v in opts if v is not None})
         r = ns.segment(img, model, seed=seed, instances=True, **kw)
         m = np.asarray(r.mask)
@@ -147,6 +153,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, help="mask threshold (default: the model's); the sweep ignores it")
     ap.add_argument("--no-pixel-size", action="store_true", help="run every tile as if at the model's pixel size")
     ap.add_argument("--recolour", help="hist, reinhard or reinhard:S: move the tiles' colours first (docstring)")
+    ap.add_argument("--tile", type=int, help="window side in image pixels (default: the model's)")
+    ap.add_argument("--attention", choices=("window", "global"), help="local or whole-window attention")
     ap.add_argument("--json")
     a = ap.parse_args()
     data = Path(a.data)
@@ -165,6 +173,8 @@ def main() -> None:
         tta=a.tta,
         threshold=a.threshold,
         recolour=a.recolour,
+        tile=a.tile,
+        attention=a.attention,
     )
     s = summary(rows)
     for place, v in s.items():

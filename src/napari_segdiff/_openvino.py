@@ -103,7 +103,8 @@ def ir_key(net: torch.nn.Module) -> str:
     from . import network
 
     h = hashlib.sha256()
-    h.update(f"{FORMAT}|{torch.__version__}|{version()}|{net.config!r}|local={net.local_attention}".encode())
+    local = getattr(net, "local_attention", False)
+    h.update(f"{FORMAT}|{torch.__version__}|{version()}|{net.config!r}|local={local}".encode())
     h.update(inspect.getsource(network).encode())
     for name, tensor in net.state_dict().items():
         h.update(name.encode())
@@ -119,7 +120,7 @@ def _convert(net: torch.nn.Module, dest: Path) -> None:
     cfg = net.config
     # a small example (the shapes stay dynamic); with local attention one of two crops a side, so that the
     # traced graph holds the attention by blocks (it serves tiles whose sides are multiples of the crop)
-    side = 2 * cfg.image_size if net.local_attention else 4 * cfg.downsample_factor
+    side = 2 * cfg.image_size if getattr(net, "local_attention", False) else 4 * cfg.downsample_factor
     c = cfg.base_channels
     img = torch.zeros(1, cfg.in_channels, side, side)
     x = torch.zeros(1, cfg.mask_channels, side, side)
@@ -221,7 +222,7 @@ class OpenVINONet:
         self.precision = precision
         self.threads = int(threads or torch.get_num_threads())
         self._net = net
-        self._crop = net.config.image_size if net.local_attention else 0
+        self._crop = net.config.image_size if getattr(net, "local_attention", False) else 0
         enc, den = compiled(net, precision, self.threads)
         self._enc, self._den = enc.create_infer_request(), den.create_infer_request()
         self._den_global = None

@@ -314,7 +314,7 @@ class TileSampler:
         # network that runs is then a copy, so the caller's model is left as it was
         local = model.meta.get("attention") == "window"
         net = model.net
-        if net.local_attention != local:
+        if local != getattr(net, "local_attention", False):  # (a stand-in network may not have attention)
             net = copy.deepcopy(net).set_local_attention(local)
         if self.runtime == "openvino":  # OpenVINO picks its own layouts; it converts the model's own network
             from ._openvino import OpenVINONet
