@@ -90,9 +90,14 @@ def test_conversion_cached_on_disk_and_keyed_by_weights(model, tmp_path, monkeyp
     np.testing.assert_array_equal(first.probability, again.probability)
     # other weights, another key: a stale conversion is never used
     other = copy.deepcopy(model.net)
+    assert _openvino.ir_key(other) == key
     with torch.no_grad():
-        next(other.parameters()).add_(0.1)
+        next(other.parameters()).add_(0.1)  # in place: the remembered key of this network must not be reused
     assert _openvino.ir_key(other) != key
+    assert _openvino.ir_key(model.net, local=True) != key == _openvino.ir_key(model.net, local=False)
+    with torch.no_grad():
+        model.net.time_table.weight.mul_(1.0)  # same values, but a write: hashed again, same key
+    assert _openvino.ir_key(model.net) == key
 
 
 @needs_openvino

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -98,29 +99,47 @@ class Denoiser(torch.nn.Module):
         return self.net(x, t, features=feats)
 
 
-def ir_key(net: torch.nn.Module) -> str:
-    """What the converted files depend on: weights, network config and code, torch and OpenVINO versions."""
+#: each network's key, remembered while it lives and its tensors are unchanged (hashing the weights costs
+#: about 15 ms of every segment() of nuclei-he)
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _local(net: torch.nn.Module, local: bool | None) -> bool:
+    return bool(getattr(net, "local_attention", False) if local is None else local)
+
+
+def ir_key(net: torch.nn.Module, local: bool | None = None) -> str:
+    """What the converted files depend on: weights, network config and code, local attention (default: the
+    network's own setting), torch and OpenVINO versions."""
+    local = _local(net, local)
+    state = net.state_dict()
+    stamp = (local, tuple((n, t.data_ptr(), t._version, t.dtype) for n, t in state.items()))
+    known = _KEYS.get(net)
+    if known is not None and known[0] == stamp:
+        return known[1]
     from . import network
 
     h = hashlib.sha256()
-    local = getattr(net, "local_attention", False)
     h.update(f"{FORMAT}|{torch.__version__}|{version()}|{net.config!r}|local={local}".encode())
     h.update(inspect.getsource(network).encode())
-    for name, tensor in net.state_dict().items():
+    for name, tensor in state.items():
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
+    key = h.hexdigest()[:24]
+    _KEYS[net] = (stamp, key)
+    return key
 
 
-def _convert(net: torch.nn.Module, dest: Path) -> None:
-    """Convert encoder and denoiser into ``dest`` (written into a temp folder, then renamed)."""
+def _convert(net: torch.nn.Module, dest: Path, local: bool = False) -> None:
+    """Convert encoder and denoiser into ``dest`` (written into a temp folder, then renamed), with attention
+    by blocks of a training crop where ``local``."""
     import openvino as ov
 
     global conversions
     cfg = net.config
     # a small example (the shapes stay dynamic); with local attention one of two crops a side, so that the
     # traced graph holds the attention by blocks (it serves tiles whose sides are multiples of the crop)
-    side = 2 * cfg.image_size if getattr(net, "local_attention", False) else 4 * cfg.downsample_factor
+    side = 2 * cfg.image_size if local else 4 * cfg.downsample_factor
     c = cfg.base_channels
     img = torch.zeros(1, cfg.in_channels, side, side)
     x = torch.zeros(1, cfg.mask_channels, side, side)
@@ -130,6 +149,8 @@ def _convert(net: torch.nn.Module, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         net = copy.deepcopy(net).float().eval().to(memory_format=torch.contiguous_format)
+        if hasattr(net, "set_local_attention"):
+            net.set_local_attention(local)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about python-int shapes: the graph keeps them dynamic
             enc = ov.convert_model(
@@ -156,11 +177,13 @@ def _convert(net: torch.nn.Module, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def compiled(net: torch.nn.Module, precision: str, threads: int):
-    """(encoder, denoiser) compiled models for ``net``, converting it once per machine."""
+def compiled(net: torch.nn.Module, precision: str, threads: int, local: bool | None = None):
+    """(encoder, denoiser) compiled models for ``net`` (with local attention where ``local``; default: the
+    network's own setting), converting it once per machine."""
     import openvino as ov
 
-    key = ir_key(net)
+    local = _local(net, local)
+    key = ir_key(net, local)
     ck = (key, precision, threads)
     with _LOCK:
         if ck in _COMPILED:
@@ -171,7 +194,7 @@ def compiled(net: torch.nn.Module, precision: str, threads: int):
             if dest.exists():
                 shutil.rmtree(dest, ignore_errors=True)  # a partial folder of an older layout
             try:
-                _convert(net, dest)
+                _convert(net, dest, local)
             except OSError as e:
                 raise SegDiffError(
                     f"could not write the OpenVINO cache in {dest.parent} ({e}); set {CACHE_ENV} to a writable "
@@ -217,13 +240,16 @@ class OpenVINONet:
     (``image_size``), and, only when a tile of another size comes, also with global attention: what the torch
     network does with such a tile."""
 
-    def __init__(self, net: torch.nn.Module, precision: str = "fp32", threads: int | None = None):
+    def __init__(
+        self, net: torch.nn.Module, precision: str = "fp32", threads: int | None = None, local: bool | None = None
+    ):
         require()
         self.precision = precision
         self.threads = int(threads or torch.get_num_threads())
         self._net = net
-        self._crop = net.config.image_size if getattr(net, "local_attention", False) else 0
-        enc, den = compiled(net, precision, self.threads)
+        local = _local(net, local)
+        self._crop = net.config.image_size if local else 0
+        enc, den = compiled(net, precision, self.threads, local)
         self._enc, self._den = enc.create_infer_request(), den.create_infer_request()
         self._den_global = None
 
@@ -235,8 +261,7 @@ class OpenVINONet:
         if not self._crop or (h % self._crop == 0 and w % self._crop == 0):
             return self._den
         if self._den_global is None:
-            plain = copy.deepcopy(self._net).set_local_attention(False)
-            self._den_global = compiled(plain, self.precision, self.threads)[1].create_infer_request()
+            self._den_global = compiled(self._net, self.precision, self.threads, False)[1].create_infer_request()
         return self._den_global
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -310,18 +310,18 @@ class TileSampler:
         # channels-last (NHWC) convolutions: x1.19 per batched forward of nuclei-he on this project's CPU
         # (`benchmarks/run.py --only compile`), same values to float rounding. On by default on the CPU.
         self.runtime = resolve_runtime(runtime, device)
-        # attention by blocks of a training crop where the model says so (meta['attention'] = 'window'); the
-        # network that runs is then a copy, so the caller's model is left as it was
+        # attention by blocks of a training crop where the model says so (meta['attention'] = 'window'): converted
+        # so for OpenVINO, a copy for torch, so the caller's model is left as it was
         local = model.meta.get("attention") == "window"
         net = model.net
-        if local != getattr(net, "local_attention", False):  # (a stand-in network may not have attention)
-            net = copy.deepcopy(net).set_local_attention(local)
         if self.runtime == "openvino":  # OpenVINO picks its own layouts; it converts the model's own network
             from ._openvino import OpenVINONet
 
             self.channels_last = False
-            self.net = OpenVINONet(net, self.precision)
+            self.net = OpenVINONet(net, self.precision, local=local)
         else:
+            if local != getattr(net, "local_attention", False):  # (a stand-in network may not have attention)
+                net = copy.deepcopy(net).set_local_attention(local)
             self.channels_last = device.type == "cpu" if channels_last is None else bool(channels_last)
             if self.channels_last:  # its own channels-last copy
                 net = (copy.deepcopy(net) if net is model.net else net).to(memory_format=torch.channels_last)
