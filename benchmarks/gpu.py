@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from run import machine, sample_512
+from run import machine, sample_512, tiled_sample
 
 import napari_segdiff as ns
 
@@ -60,8 +60,7 @@ def bench_sizes(model, device: str, sizes, precisions, batch_size) -> list[dict]
     for p in precisions:
         timed(base[:256, :256], model, device, p, batch_size)  # warm-up: kernels, autotuning, allocator
     for size in sizes:
-        reps = -(-size // base.shape[0])
-        img = np.ascontiguousarray(np.tile(base, (reps, reps, 1))[:size, :size])
+        img = tiled_sample(size)
         masks = {}
         for p in precisions:
             best, peak, r = 1e18, None, None

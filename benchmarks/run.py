@@ -286,6 +286,13 @@ def sample_512() -> np.ndarray:
     )
 
 
+def tiled_sample(size: int) -> np.ndarray:
+    """The H&E sample tiled up to ``size`` x ``size`` (every part of it tissue)."""
+    base = sample_512()
+    reps = -(-size // base.shape[0])
+    return np.ascontiguousarray(np.tile(base, (reps, reps, 1))[:size, :size])
+
+
 def bench_bf16(model: SegDiffModel) -> dict:
     img = sample_512()
     t0 = time.perf_counter()
@@ -778,8 +785,7 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
     res["runtime_now"] = warm.info["runtime"]
     res["precision"] = warm.info["precision"]
     for size in sizes:
-        reps = max(1, int(size / base.shape[0]))
-        img = np.tile(base, (reps, reps, 1))[:size, :size]
+        img = tiled_sample(size)
         row: dict = {"size": size}
         masks = {}
         order = tuple(paths) * (2 if size <= 512 else 1)
@@ -847,8 +853,7 @@ def bench_window(model: SegDiffModel, sizes, tiles=(256, 512)) -> list[dict]:
         ns.segment(base, m, tile=tile, seed=0)
     rows = []
     for size in sizes:
-        reps = -(-size // base.shape[0])
-        img = np.ascontiguousarray(np.tile(base, (reps, reps, 1))[:size, :size])
+        img = tiled_sample(size)
         best: dict = {}
         masks = {}
         for _ in range(3 if size <= 512 else 2):

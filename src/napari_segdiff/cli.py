@@ -139,7 +139,7 @@ def _segment_batch(args, jobs, batch_table: Path | None = None) -> int:
         if rows:
             write_csv(batch_table, rows)
             print(
-                f"{sum(len(next(iter(t.values()), ())) for _, t in rows)} objects of {len(rows)} images in "
+                f"{sum(len(t['label']) for _, t in rows)} objects of {len(rows)} images in "
                 f"{batch_table}",
                 file=sys.stderr if rc in (130, 143) else sys.stdout,
             )
@@ -255,11 +255,7 @@ def _cmd_segment(args, inp: Path, out: Path, table: Path | None, collect: list |
             client.close()
     info = result.info
     extra = f", {info['objects']} objects" if "objects" in info else ""
-    if table is not None:
-        write_csv(table, rows)
-        extra += f" (one row each in {table})"
-    if collect is not None:
-        collect.append((str(inp), rows))
+    extra += _publish_rows(rows, inp, table, collect)
     if "pixel_size" in info:
         extra += (
             f", pixel size {info['pixel_size']:g} {info['pixel_unit']} (model {info['model_pixel_size']:g} "
@@ -322,6 +318,17 @@ def is_stack(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[-1] not in (1, 3, 4) and shape[0] not in (1, 3, 4)
 
 
+def _publish_rows(rows, inp: Path, table: Path | None, collect: list | None) -> str:
+    """An image's object rows, once its result is written: to its own ``table``, or handed to the batch's one
+    table (``collect``); returns what the summary line says of it."""
+    if collect is not None:
+        collect.append((str(inp), rows))
+    if table is None:
+        return ""
+    write_csv(table, rows)
+    return f" (one row each in {table})"
+
+
 def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = None, collect=None) -> int:
     from tqdm import tqdm
 
@@ -359,11 +366,7 @@ def _segment_stack_cli(args, image, inp, out, client, kw, table: Path | None = N
     write_result(result, out, overwrite=args.overwrite, inputs=(inp,))
     extra = f", {res.info['objects']} objects" if "objects" in res.info else ""
     rows = result_table(result) if table is not None or collect is not None else None
-    if table is not None:
-        write_csv(table, rows)
-        extra += f" (one row each in {table})"
-    if collect is not None:
-        collect.append((str(inp), rows))
+    extra += _publish_rows(rows, inp, table, collect)
     print(f"wrote {out}: {res.info['slices']} slices, model {res.info['model']}, {res.info['seconds']:.1f} s{extra}")
     return 0
 

@@ -201,8 +201,8 @@ class SegDiffNet(nn.Module):
         ch = C
         n_levels = len(cfg.channel_mult)
         for lvl, mult in enumerate(cfg.channel_mult):
+            tokens = cfg.image_size // 2**lvl  # the position grid of a training crop at this level
             for _ in range(cfg.num_res_blocks):
-                tokens = cfg.image_size // 2**lvl
                 self.down.append(_Level(ch, mult * C, temb_ch, lvl in attn_levels, heads, drop, tokens))
                 ch = mult * C
                 skip_chs.append(ch)
@@ -211,13 +211,13 @@ class SegDiffNet(nn.Module):
                 skip_chs.append(ch)
         # bottleneck: res - attn - res
         self.mid1 = ResBlock(ch, ch, temb_ch, drop)
-        self.mid_attn = Attention(ch, heads, cfg.image_size // 2 ** (n_levels - 1))
+        self.mid_attn = Attention(ch, heads, tokens)  # at the last (deepest) level
         self.mid2 = ResBlock(ch, ch, temb_ch, drop)
         # decoder D
         self.up = nn.ModuleList()
         for lvl, mult in reversed(list(enumerate(cfg.channel_mult))):
+            tokens = cfg.image_size // 2**lvl
             for _ in range(cfg.num_res_blocks + 1):
-                tokens = cfg.image_size // 2**lvl
                 self.up.append(_Level(ch + skip_chs.pop(), mult * C, temb_ch, lvl in attn_levels, heads, drop, tokens))
                 ch = mult * C
             if lvl != 0:

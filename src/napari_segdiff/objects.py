@@ -136,17 +136,8 @@ def result_table(result) -> dict[str, np.ndarray]:
 def table_csv(table: Mapping[str, Any]) -> str:
     """The table as CSV text: a header row, then one row per object (floats to 6 significant digits)."""
     cols = list(table)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
     arrays = [np.asarray(table[c]) for c in cols]
-    for row in zip(*arrays):
-        w.writerow([_cell(v) for v in row])
-    return buf.getvalue()
-
-
-def _cell(v) -> str | int:
-    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else int(v)
+    return _csv(cols, ([_cell(v) for v in row] for row in zip(*arrays)))
 
 
 def tables_csv(tables: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
@@ -157,15 +148,26 @@ def tables_csv(tables: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     cols: list[str] = []
     for _, t in tables:
         cols += [c for c in t if c not in cols]
+
+    def rows():
+        for name, t in tables:
+            arrays = {c: np.asarray(v) for c, v in t.items()}
+            for i in range(len(next(iter(arrays.values()))) if arrays else 0):
+                yield [name, *(_cell(arrays[c][i]) if c in arrays else "" for c in cols)]
+
+    return _csv(["image", *cols], rows())
+
+
+def _csv(header: list[str], rows) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image", *cols])
-    for name, t in tables:
-        arrays = {c: np.asarray(v) for c, v in t.items()}
-        n = len(next(iter(arrays.values()))) if arrays else 0
-        for i in range(n):
-            w.writerow([name, *(_cell(arrays[c][i]) if c in arrays else "" for c in cols)])
+    w.writerow(header)
+    w.writerows(rows)
     return buf.getvalue()
+
+
+def _cell(v) -> str | int:
+    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else int(v)
 
 
 def write_csv(path, table: Mapping[str, Any] | Sequence[tuple[str, Mapping[str, Any]]]) -> None:
