@@ -139,8 +139,7 @@ def _segment_batch(args, jobs, batch_table: Path | None = None) -> int:
         if rows:
             write_csv(batch_table, rows)
             print(
-                f"{sum(len(t['label']) for _, t in rows)} objects of {len(rows)} images in "
-                f"{batch_table}",
+                f"{sum(len(t['label']) for _, t in rows)} objects of {len(rows)} images in {batch_table}",
                 file=sys.stderr if rc in (130, 143) else sys.stdout,
             )
     print(
