@@ -25,6 +25,7 @@ from napari_segdiff.training.trainer import (
     Trainer,
     export,
     pack_targets,
+    single_object_parts,
     unpack_targets,
 )
 
@@ -151,6 +152,29 @@ def test_targets_pack_the_interior_where_instances_are_known():
     assert pack_targets(Sample("a", img, labels > 0, labels), 0.5).shape == (20, 30)
 
 
+def test_targets_from_masks_know_the_background_and_single_objects():
+    labels = _touching_discs()  # two touching discs: one part of the mask that is not convex
+    yy, xx = np.mgrid[:40, :60]
+    lone = (yy - 20) ** 2 + (xx - 54) ** 2 <= 25  # a separate disc, 1 px from the pair
+    mask = (labels > 0) | lone
+    img = np.zeros(mask.shape + (3,), np.uint8)
+    parts = single_object_parts(mask)
+    assert parts.max() > 0 and set(np.unique(parts[lone])) == {parts.max()} and not parts[labels > 0].any()
+    code = pack_targets(Sample("b", img, mask), from_masks=True)
+    known = (code & KNOWN_BIT) > 0
+    np.testing.assert_array_equal(known, ~mask | lone)  # the pair's interior is not known, the rest is
+    np.testing.assert_array_equal((code & INTERIOR_BIT)[lone] > 0, object_interior(lone.astype(np.int32), 2)[lone])
+    assert not (code & INTERIOR_BIT)[~mask].any()
+    x0, w = unpack_targets(code)
+    assert (w[0] == 1).all() and w[1][lone].all() and not w[1][labels > 0].any()
+    # an image with an instance map keeps it; without from_masks nothing of the interior is known
+    np.testing.assert_array_equal(
+        pack_targets(Sample("a", img, mask, labels + 3 * lone), from_masks=True),
+        pack_targets(Sample("a", img, mask, labels + 3 * lone)),
+    )
+    assert not (pack_targets(Sample("b", img, mask)) & KNOWN_BIT).any()
+
+
 def _disc_samples(n=3, instances=True):
     from skimage.measure import label
 
@@ -202,8 +226,12 @@ def test_two_channel_training_exports_a_model_whose_labels_come_from_its_interio
 
 
 def test_two_channel_training_needs_instance_maps(tmp_path):
-    with pytest.raises(SegDiffError, match="instances/"):
+    with pytest.raises(SegDiffError, match="instances/.*interior_from_masks"):
         Trainer(_cfg(tmp_path / "run"), samples=_disc_samples(instances=False))
+    # or learns the interior from the masks' single objects
+    tr = Trainer(_cfg(tmp_path / "r2", interior_from_masks=True), samples=_disc_samples(instances=False))
+    _, _, w = tr.make_batch()
+    assert (w[:, 0] == 1).all() and w[:, 1].any()
 
 
 def test_warm_start_widens_a_one_channel_model_and_refuses_the_reverse(tmp_path):
