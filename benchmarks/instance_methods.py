@@ -12,6 +12,12 @@ separately, over the training images that have them (in-sample: the model saw th
 N times with one sample (seeds 0..N-1), the mask from the mean of the N probabilities, and the watershed
 seeded where at least k of the N samples' interiors exceed 0.5 (k = 1..N), beside the seeds of the mean
 interior above 0.5 on the same maps.
+
+``--oracle`` asks where the objects are lost, in the mask or in the split: on the validation images, the model's
+own split (its instance settings and mask threshold) of its own mask, of the annotated mask (a perfect mask),
+and its mask split at the annotated nuclei (seeds: each annotated nucleus peeled as in training, a perfect
+split), and the annotated mask split at the annotated nuclei (the ceiling of such seeds); with it, the
+table of methods is left out.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def main() -> None:
     ap.add_argument("--cache", default="", help="default: bench_out/<model>_maps.npz")
     ap.add_argument("--agreement", type=int, default=0, help="N single-sample runs per validation image")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ap.add_argument("--oracle", action="store_true", help="perfect masks and perfect seeds, on validation")
     ap.add_argument("--samples", type=int, default=None, help="samples per tile (default: the model's)")
     a = ap.parse_args()
     sampling = {k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None}
@@ -73,6 +80,8 @@ def main() -> None:
         methods += [("interior", {"seed_threshold": t}) for t in (0.3, 0.4, 0.5, 0.6, 0.7)]
         methods += [("interior_peaks", {"h": h, "seed_threshold": 0.3}) for h in (0.07, 0.1, 0.15, 0.2, 0.25)]
     out = []
+    if a.oracle:
+        methods = []
     for method, kw in methods:
         for min_area in (0, 10, 20):
             for part, keep in (("validation", lambda n: n in val), ("train (in-sample)", lambda n: n not in val)):
@@ -89,9 +98,49 @@ def main() -> None:
                     f"F1@.5 {mean['f1_50']:.4f} count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
                     flush=True,
                 )
+    if a.oracle:
+        out += oracle_rows(a.model, [n for n in names if n in val], probs, interiors, gts)
     if a.agreement:
         out += agreement_rows(a.model, data, [n for n in names if n in val], gts, a.agreement)
     (ROOT / f"bench_out/instance_methods_{Path(a.model).stem}{tag}.json").write_text(json.dumps(out, indent=1))
+
+
+def oracle_rows(model, names, probs, interiors, gts) -> list[dict]:
+    from napari_segdiff.engine import instance_settings
+    from napari_segdiff.instances import object_interior
+    from napari_segdiff.models import load_model
+
+    mdl = load_model(model, device="cpu")
+    kw = instance_settings(mdl)
+    t = float((mdl.meta.get("sampling") or {}).get("threshold") or mdl.meta.get("threshold") or 0.5)
+    out = []
+    for mask_from in ("model", "annotation"):
+        for seeds_from in ("model", "annotation"):
+            rows = []
+            for n in names:
+                mask = probs[n] > t if mask_from == "model" else gts[n] > 0
+                if seeds_from == "model":
+                    pred = label_instances(mask, probs[n], interior=interiors[n], **kw)
+                else:  # every annotated nucleus peeled as for training: one seed each
+                    seeds = object_interior(gts[n], 2).astype(np.float32)
+                    pred = label_instances(
+                        mask,
+                        probs[n],
+                        method="interior",
+                        interior=seeds,
+                        seed_threshold=0.5,
+                        min_area=kw.get("min_area", 0),
+                    )
+                rows.append({**instance_metrics(gts[n], pred), "dice": dice(mask, gts[n] > 0)})
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            out.append({"oracle": f"mask {mask_from}, seeds {seeds_from}", "threshold": t, **kw, **mean})
+            print(
+                f"mask from the {mask_from:10s} seeds from the {seeds_from:10s} n={len(rows)} "
+                f"AJI {mean['aji']:.4f} PQ {mean['pq']:.4f} F1@.5 {mean['f1_50']:.4f} "
+                f"count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
+                flush=True,
+            )
+    return out
 
 
 def agreement_rows(model, data: Path, names, gts, n_runs: int) -> list[dict]:
