@@ -13,7 +13,8 @@ N times with one sample (seeds 0..N-1), the mask from the mean of the N probabil
 seeded where at least k of the N samples' interiors exceed 0.5 (k = 1..N), beside the seeds of the mean
 interior above 0.5 on the same maps.
 
-``--oracle`` asks where the objects are lost, in the mask or in the split: on the validation images, the model's
+``--oracle`` asks where the objects are lost, in the mask or in the split: on the validation images (and apart,
+in-sample, on the training images), the model's
 own split (its instance settings and mask threshold) of its own mask, of the annotated mask (a perfect mask),
 and its mask split at the annotated nuclei (seeds: each annotated nucleus peeled as in training, a perfect
 split), and the annotated mask split at the annotated nuclei (the ceiling of such seeds); with it, the
@@ -99,13 +100,14 @@ def main() -> None:
                     flush=True,
                 )
     if a.oracle:
-        out += oracle_rows(a.model, [n for n in names if n in val], probs, interiors, gts)
+        for part, keep in (("validation", lambda n: n in val), ("train (in-sample)", lambda n: n not in val)):
+            out += oracle_rows(a.model, part, list(filter(keep, names)), probs, interiors, gts)
     if a.agreement:
         out += agreement_rows(a.model, data, [n for n in names if n in val], gts, a.agreement)
     (ROOT / f"bench_out/instance_methods_{Path(a.model).stem}{tag}.json").write_text(json.dumps(out, indent=1))
 
 
-def oracle_rows(model, names, probs, interiors, gts) -> list[dict]:
+def oracle_rows(model, part, names, probs, interiors, gts) -> list[dict]:
     from napari_segdiff.engine import instance_settings
     from napari_segdiff.instances import object_interior
     from napari_segdiff.models import load_model
@@ -133,9 +135,9 @@ def oracle_rows(model, names, probs, interiors, gts) -> list[dict]:
                     )
                 rows.append({**instance_metrics(gts[n], pred), "dice": dice(mask, gts[n] > 0)})
             mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-            out.append({"oracle": f"mask {mask_from}, seeds {seeds_from}", "threshold": t, **kw, **mean})
+            out.append({"oracle": f"mask {mask_from}, seeds {seeds_from}", "part": part, "threshold": t, **kw, **mean})
             print(
-                f"mask from the {mask_from:10s} seeds from the {seeds_from:10s} n={len(rows)} "
+                f"{part:18s} mask from the {mask_from:10s} seeds from the {seeds_from:10s} n={len(rows)} "
                 f"AJI {mean['aji']:.4f} PQ {mean['pq']:.4f} F1@.5 {mean['f1_50']:.4f} "
                 f"count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
                 flush=True,
