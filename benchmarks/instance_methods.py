@@ -108,13 +108,13 @@ def main() -> None:
 
 
 def oracle_rows(model, part, names, probs, interiors, gts) -> list[dict]:
-    from napari_segdiff.engine import instance_settings
+    from napari_segdiff.engine import instance_settings, recommended_config
     from napari_segdiff.instances import object_interior
     from napari_segdiff.models import load_model
 
     mdl = load_model(model, device="cpu")
     kw = instance_settings(mdl)
-    t = float((mdl.meta.get("sampling") or {}).get("threshold") or mdl.meta.get("threshold") or 0.5)
+    t = recommended_config(mdl).sampling.threshold  # the mask threshold segment() uses
     out = []
     for mask_from in ("model", "annotation"):
         for seeds_from in ("model", "annotation"):

@@ -757,6 +757,14 @@ def bench_slide(size: int = 20000, crop: int = 8192) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- 11. speedup
+def with_attention(model: SegDiffModel, attention: str) -> SegDiffModel:
+    """A shallow copy of ``model`` that segments with ``attention``: 'window' (by blocks of a training crop) or
+    'global' (over the whole tile); the model itself is left as it is."""
+    m = copy.copy(model)
+    m.meta = {**model.meta, "attention": attention}
+    return m
+
+
 #: nuclei-he's sampling when the speed work began (its defaults now: 3 x 1, model card)
 BEFORE_SAMPLING = {"samples": 3, "steps": 2}
 
@@ -771,8 +779,7 @@ def bench_speedup(model: SegDiffModel, sizes, val_data: str | None, val_names: s
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     before_kw = dict(runtime="torch", skip_empty=False, **BEFORE_SAMPLING)
-    plain = copy.copy(model)  # global attention, as before local attention
-    plain.meta = {k: v for k, v in model.meta.items() if k != "attention"}
+    plain = with_attention(model, "global")  # as before local attention
     paths = {
         "before": lambda img: _with(sdpa_kernel([SDPBackend.MATH]), ns.segment, img, plain, seed=0, **before_kw),
         "torch": lambda img: ns.segment(img, model, seed=0, runtime="torch"),
@@ -845,9 +852,8 @@ def bench_window(model: SegDiffModel, sizes, tiles=(256, 512)) -> list[dict]:
     variants = {}
     for tile in tiles:
         for attention in ("global", "window"):
-            m = copy.copy(model)
-            m.meta = {**model.meta, "attention": attention}
-            variants[f"tile {tile}, {'local' if attention == 'window' else 'global'}"] = (m, tile)
+            name = f"tile {tile}, {'local' if attention == 'window' else 'global'}"
+            variants[name] = (with_attention(model, attention), tile)
     base = sample_512()
     for m, tile in variants.values():  # conversions and compiles are not timed
         ns.segment(base, m, tile=tile, seed=0)

@@ -200,10 +200,10 @@ class SegDiffNet(nn.Module):
         skip_chs = [C]
         ch = C
         n_levels = len(cfg.channel_mult)
+        grid = [cfg.image_size // 2**lvl for lvl in range(n_levels)]  # a training crop's positions per level
         for lvl, mult in enumerate(cfg.channel_mult):
-            tokens = cfg.image_size // 2**lvl  # the position grid of a training crop at this level
             for _ in range(cfg.num_res_blocks):
-                self.down.append(_Level(ch, mult * C, temb_ch, lvl in attn_levels, heads, drop, tokens))
+                self.down.append(_Level(ch, mult * C, temb_ch, lvl in attn_levels, heads, drop, grid[lvl]))
                 ch = mult * C
                 skip_chs.append(ch)
             if lvl != n_levels - 1:
@@ -211,14 +211,15 @@ class SegDiffNet(nn.Module):
                 skip_chs.append(ch)
         # bottleneck: res - attn - res
         self.mid1 = ResBlock(ch, ch, temb_ch, drop)
-        self.mid_attn = Attention(ch, heads, tokens)  # at the last (deepest) level
+        self.mid_attn = Attention(ch, heads, grid[-1])
         self.mid2 = ResBlock(ch, ch, temb_ch, drop)
         # decoder D
         self.up = nn.ModuleList()
         for lvl, mult in reversed(list(enumerate(cfg.channel_mult))):
-            tokens = cfg.image_size // 2**lvl
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(_Level(ch + skip_chs.pop(), mult * C, temb_ch, lvl in attn_levels, heads, drop, tokens))
+                self.up.append(
+                    _Level(ch + skip_chs.pop(), mult * C, temb_ch, lvl in attn_levels, heads, drop, grid[lvl])
+                )
                 ch = mult * C
             if lvl != 0:
                 self.up.append(Upsample(ch))

@@ -36,19 +36,4 @@ for tag, keep in {"c": train23, "x": train23 + A}.items():
                   init="src/napari_segdiff/weights/nuclei-he.pt")
     (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 PYEOF
-EXP="--samples 3 --steps 1 --threshold 0.4 --overlap 0 --pixel-size 0.488 --pixel-unit um --overwrite
-     --instances interior_peaks,h=0.15,seed_threshold=0.3,min_area=20"
-for t in c x; do
-  "$PY" -m napari_segdiff.training.cli train --config $M/$t/recipe.json --amp auto --threads 1 > $M/$t/train.log 2>&1 &
-done
-wait
-for t in c x; do
-  "$PY" -m napari_segdiff.training.cli export $M/$t/train --checkpoint last.pt --name nuclei-he-$t -o $M/$t/model.pt $EXP
-done
-for s in 0 1 2; do
-  for t in shipped c x; do
-    m=$M/$t/model.pt; [ $t = shipped ] && m=nuclei-he
-    "$PY" -m napari_segdiff.training.cli eval --model $m --data ../shared/data/monuseg/train --names $M/B.txt \
-        --seed $s --json $M/eval-$t-$s.json | grep "^mean"
-  done
-done
+bash training/nuclei-he/continue_and_score.sh "$M" "$M/B.txt" "c x" 1
