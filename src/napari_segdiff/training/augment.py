@@ -33,11 +33,33 @@ class AugmentConfig:
     sharpen: float = 0.0
     jpeg: float = 0.0
     noise: float = 0.0
+    # H&E stain shift (HED jitter, Tellez et al. 2018): each stain's optical density from colour
+    # deconvolution (Ruifrok & Johnston 2001) scaled by U(1-s, 1+s) and shifted by U(-s, s) times the crop's
+    # mean density of that stain, so that haematoxylin and eosin vary apart, as between labs and scanners
+    stain: float = 0.0
 
 
 AUGMENT_PRESETS = {
     # MoNuSeg (as [45]): random 256 crops, flips, +-22 deg, scale 0.75-1.25, colour jitter
     "monuseg": AugmentConfig((-22, 22), (0.75, 1.25), True, True, 0.2, 0.2, 0.2, 0.02),
+    # H&E from labs and scanners the model never saw: the MoNuSeg preset plus stain shift (HED-strong of
+    # Tellez et al. 2018), mild gamma, blur or sharpening, JPEG (slides are stored JPEG-compressed) and noise
+    "he-shift": AugmentConfig(
+        (-22, 22),
+        (0.75, 1.25),
+        True,
+        True,
+        0.2,
+        0.2,
+        0.2,
+        0.02,
+        gamma=0.2,
+        blur=0.2,
+        sharpen=0.1,
+        jpeg=0.3,
+        noise=3.0,
+        stain=0.2,
+    ),
     # Vaihingen (as [7]): 0-360 deg, scale 0.75-1.5, h+v flips, jitter 0.6/0.5/0.4/0.025
     "vaihingen": AugmentConfig((0, 360), (0.75, 1.5), True, True, 0.6, 0.5, 0.4, 0.025),
     # aerial tiles from places the model never saw: all rotations, scale 0.5-2x (pixel sizes differ),
@@ -135,6 +157,18 @@ def colour_jitter(img: np.ndarray, aug: AugmentConfig, rng: np.random.Generator)
     return np.clip(x, 0.0, 1.0) * 255.0
 
 
+def stain_jitter(img: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """img: float (h, w, 3) in [0, 255]. The HED jitter of ``aug.stain`` (see :class:`AugmentConfig`), in the
+    optical-density space of scikit-image's ``rgb2hed``."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    s = aug.stain
+    hed = rgb2hed(np.clip(img / 255.0, 0.0, 1.0))
+    scale = rng.uniform(1 - s, 1 + s, 3)
+    shift = rng.uniform(-s, s, 3) * np.abs(hed.reshape(-1, 3).mean(axis=0))
+    return np.clip(hed2rgb(hed * scale + shift), 0.0, 1.0) * 255.0
+
+
 def degrade(img: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """img: float (h, w, 3) in [0, 255]; gamma, blur or sharpen, JPEG and noise as ``aug`` asks."""
     x = img
@@ -173,6 +207,8 @@ def augment_pair(
     image: np.ndarray, mask: np.ndarray, size: int, aug: AugmentConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     img, msk = random_affine_crop(image, mask, size, aug, rng)
+    if aug.stain:
+        img = stain_jitter(img, aug, rng)
     img = colour_jitter(img, aug, rng)
     if aug.gamma or aug.blur or aug.sharpen or aug.jpeg or aug.noise:
         img = degrade(img, aug, rng)
