@@ -15,18 +15,5 @@ M=runs/intmasks
 STEPS=${STEPS:-1600}
 RUNS=${RUNS:-c m}
 THREADS=${THREADS:-1}
-"$PY" - "$M" "$STEPS" <<'PYEOF'
-import json, sys
-from pathlib import Path
-out, steps = Path(sys.argv[1]), int(sys.argv[2])
-recipe = json.load(open("training/nuclei-he/recipe-2ch.json"))
-recipe.pop("net", None)
-for tag, from_masks in {"c": False, "m": True}.items():
-    run = out / tag
-    run.mkdir(parents=True, exist_ok=True)
-    recipe.update(out=str(run / "train"), max_steps=steps, lr=1e-4, warmup_steps=50, lr_decay_start=steps // 2,
-                  lr_min=1e-5, max_minutes=0, val_every=10**7, init="src/napari_segdiff/weights/nuclei-he.pt",
-                  interior_from_masks=from_masks)
-    (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
-PYEOF
+"$PY" training/nuclei-he/continue_recipes.py "$M" "$STEPS" c='{}' m='{"interior_from_masks": true}'
 bash training/nuclei-he/continue_and_score.sh "$M" training/nuclei-he/val.txt "$RUNS" "$THREADS"
