@@ -299,3 +299,72 @@ def test_threshold_judges_are_central_crops_within_the_pixel_budget(monkeypatch)
     assert [j.name for j in js] == ["s0", "s1"]  # 1600 px each: the second reaches the budget, the third waits
     assert js[0].mask.shape == (40, 40) and js[0].mask.all()  # rows 30-69, columns 10-49: the centre
     assert (js[0].image == img[30:70, 10:50]).all()
+
+
+def test_export_blends_a_run_with_the_model_it_started_from(tmp_path, capsys):
+    """`export --blend A --blend-base MODEL`: A x the run's EMA + (1 - A) x MODEL's weights, recorded in the file;
+    the incomplete, out-of-range and mismatched cases are refused."""
+    from _helpers import tiny_train_config
+
+    from napari_segdiff.training.trainer import Trainer
+
+    data = tmp_path / "data"
+    disc_folder(data, n=2, size=48)
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        Trainer(tiny_train_config(run, data=str(data), max_steps=2, seed=seed), samples=None).fit(progress=False)
+        assert main(["export", str(run), "--name", f"r{seed}", "-o", str(tmp_path / f"r{seed}.pt")]) == 0
+        runs.append(run)
+    out = tmp_path / "blend.pt"
+    assert (
+        main(
+            [
+                "export",
+                str(runs[0]),
+                "--name",
+                "b",
+                "-o",
+                str(out),
+                "--blend",
+                "0.25",
+                "--blend-base",
+                str(tmp_path / "r1.pt"),
+            ]
+        )
+        == 0
+    )
+    tuned, base, blended = (load_model(str(p)) for p in (tmp_path / "r0.pt", tmp_path / "r1.pt", out))
+    b_state, t_state = base.net.state_dict(), tuned.net.state_dict()
+    diffs = 0
+    for k, v in blended.net.state_dict().items():
+        if v.is_floating_point():
+            want = 0.25 * t_state[k].float() + 0.75 * b_state[k].float()
+            assert torch.allclose(v.float(), want, atol=2e-3), k  # the files hold fp16 weights
+            diffs += int(not torch.equal(t_state[k], b_state[k]))
+    assert diffs > 0  # the two runs differ, so the blend is tested
+    assert blended.meta["blend"] == {"share": 0.25, "base": "r1", "base_sha256": base.sha256}
+    capsys.readouterr()
+    bad = [["--blend", "0.5"], ["--blend-base", str(tmp_path / "r1.pt")], ["--blend", "1.5", "--blend-base", "r1"]]
+    for extra in bad:
+        assert main(["export", str(runs[0]), "--name", "x", "-o", str(tmp_path / "x.pt"), *extra]) == 2
+        assert "--blend A --blend-base MODEL" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "export",
+                str(runs[0]),
+                "--name",
+                "x",
+                "-o",
+                str(tmp_path / "x.pt"),
+                "--blend",
+                "0.5",
+                "--blend-base",
+                "nuclei-he",
+            ]
+        )
+        == 2
+    )
+    assert "another network" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

@@ -211,6 +211,19 @@ def cmd_export(args) -> int:
         meta["description"] = args.description
     if args.instances:
         meta["instances"] = parse_instances(args.instances)
+    base_state = None
+    if args.blend != 1.0 or args.blend_base:
+        from ..models import load_model
+        from .finetune import _is_blend
+
+        if not _is_blend(args.blend) or args.blend == 1.0 or not args.blend_base:
+            raise SegDiffError(
+                "--blend A --blend-base MODEL writes A x the run's weights + (1 - A) x MODEL's: give both, "
+                f"with A in (0, 1); got --blend {args.blend:g} and --blend-base {args.blend_base or 'none'}"
+            )
+        base = load_model(args.blend_base, device="cpu")
+        base_state = {k: v.float() for k, v in base.net.state_dict().items()}
+        meta["blend"] = {"share": args.blend, "base": base.name, "base_sha256": base.sha256}
     path, sha, half = export(
         args.run,
         out,
@@ -219,6 +232,8 @@ def cmd_export(args) -> int:
         sampling=sampling,
         extra_meta=meta,
         colour_match=args.colour_match,
+        blend=args.blend,
+        base_state=base_state,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {'fp16' if half else 'fp32'})\nsha256 {sha}")
     if args.install:
@@ -339,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=5, help="recommended samples stored in the file")
     e.add_argument("--steps", type=int, default=10, help="recommended steps stored in the file")
     e.add_argument("--description")
+    e.add_argument(
+        "--blend",
+        type=float,
+        default=1.0,
+        help="write BLEND x the run's EMA weights + (1 - BLEND) x those of --blend-base, a model with the same "
+        "network (weight-space ensembling, as finetune's --blend); default 1: the run's weights",
+    )
+    e.add_argument("--blend-base", dest="blend_base", default=None, help="the model (name or file) to blend with")
     e.add_argument("--tta", action="store_true", help="recommend test-time augmentation (stored in the file)")
     e.add_argument(
         "--threshold",

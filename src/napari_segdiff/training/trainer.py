@@ -734,6 +734,12 @@ def export(
     if blend != 1.0:
         if base_state is None:
             raise ValueError("blend < 1 needs the base network's state")
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != {k: tuple(v.shape) for k, v in base_state.items()}:
+            raise SegDiffError(
+                "the model to blend with has another network than the run's; blend a run with the model it "
+                "started from (or one of the same preset and channels)"
+            )
         state = blend_states(state, base_state, blend)
     net.load_state_dict(state)
     net.eval()
