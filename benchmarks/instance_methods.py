@@ -47,13 +47,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     ap.add_argument("--oracle", action="store_true", help="perfect masks and perfect seeds, on validation")
     ap.add_argument("--samples", type=int, default=None, help="samples per tile (default: the model's)")
+    ap.add_argument("--errors", action="store_true", help="what kind of pixel errors the model's mask makes")
     a = ap.parse_args()
     sampling = {k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None}
     tag = "".join(f"_{k}{v}" for k, v in sampling.items())
     data = Path(a.data)
     val = set(read_names(ROOT / "training/nuclei-he/val.txt"))
     names = sorted(p.stem for p in (data / "instances").glob("*.png"))
-    cache = Path(a.cache or ROOT / f"bench_out/{Path(a.model).stem}{tag}_maps.npz")
+    from napari_segdiff.models import load_model
+
+    sha = load_model(a.model, device="cpu").sha256[:12]  # maps of other weights of the same name are not reused
+    cache = Path(a.cache or ROOT / f"bench_out/{Path(a.model).stem}{tag}_{sha}_maps.npz")
     maps = dict(np.load(cache)) if cache.exists() else {}
     for n in names:
         if n not in maps:
@@ -81,7 +85,7 @@ def main() -> None:
         methods += [("interior", {"seed_threshold": t}) for t in (0.3, 0.4, 0.5, 0.6, 0.7)]
         methods += [("interior_peaks", {"h": h, "seed_threshold": 0.3}) for h in (0.07, 0.1, 0.15, 0.2, 0.25)]
     out = []
-    if a.oracle:
+    if a.oracle or a.errors:
         methods = []
     for method, kw in methods:
         for min_area in (0, 10, 20):
@@ -102,6 +106,8 @@ def main() -> None:
     if a.oracle:
         for part, keep in (("validation", lambda n: n in val), ("train (in-sample)", lambda n: n not in val)):
             out += oracle_rows(a.model, part, list(filter(keep, names)), probs, interiors, gts)
+    if a.errors:
+        out += error_rows(a.model, names, val, probs, gts)
     if a.agreement:
         out += agreement_rows(a.model, data, [n for n in names if n in val], gts, a.agreement)
     (ROOT / f"bench_out/instance_methods_{Path(a.model).stem}{tag}.json").write_text(json.dumps(out, indent=1))
@@ -142,6 +148,49 @@ def oracle_rows(model, part, names, probs, interiors, gts) -> list[dict]:
                 f"count err {mean['count_error']:+.1f} Dice {mean['dice']:.4f}",
                 flush=True,
             )
+    return out
+
+
+def error_rows(model, names, val, probs, gts) -> list[dict]:
+    """Per image: where the model's mask is wrong (see ``--errors``)."""
+    from scipy import ndimage
+    from skimage.measure import label
+
+    from napari_segdiff.engine import recommended_config
+    from napari_segdiff.models import load_model
+
+    t = recommended_config(load_model(model, device="cpu")).sampling.threshold
+    out = []
+    for n in names:
+        mask, gt = probs[n] > t, gts[n]
+        truth = gt > 0
+        missed, extra = truth & ~mask, mask & ~truth
+        ids, counts = np.unique(gt[truth], return_counts=True)
+        found = np.bincount(gt[truth & mask], minlength=int(gt.max()) + 1)[ids]
+        wholly_missed = np.isin(gt, ids[found < 0.1 * counts]) & missed
+        parts = label(mask)
+        sizes = np.bincount(parts.ravel())
+        right = np.bincount(parts[mask & truth], minlength=len(sizes))
+        invented = np.isin(parts, np.flatnonzero(right < 0.1 * sizes)[1:]) & extra  # [1:]: not the background
+        depth = ndimage.distance_transform_edt(truth)  # missed pixels: their distance to the annotated edge
+        row = {
+            "image": n,
+            "part": "validation" if n in val else "train (in-sample)",
+            "threshold": t,
+            "missed_px": int(missed.sum()),
+            "extra_px": int(extra.sum()),
+            "missed_on_wholly_missed_nuclei": float(wholly_missed.sum() / max(missed.sum(), 1)),
+            "extra_on_invented_parts": float(invented.sum() / max(extra.sum(), 1)),
+            **{f"missed_within_{k}px_of_edge": float((depth[missed] <= k).mean()) for k in (1, 2, 3)},
+        }
+        out.append(row)
+        print(
+            f"{n[:23]:23s} {row['part']:18s} missed {row['missed_px']:6d} px "
+            f"({row['missed_on_wholly_missed_nuclei']:.0%} on nuclei missed wholly), extra {row['extra_px']:6d} px "
+            f"({row['extra_on_invented_parts']:.0%} on parts touching no nucleus); missed within 1/2/3 px of an edge: "
+            + " / ".join(f"{row[f'missed_within_{k}px_of_edge']:.0%}" for k in (1, 2, 3)),
+            flush=True,
+        )
     return out
 
 
