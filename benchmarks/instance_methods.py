@@ -32,6 +32,7 @@ import numpy as np
 import napari_segdiff as ns
 from napari_segdiff.instances import label_instances
 from napari_segdiff.io import read_image
+from napari_segdiff.models import load_model
 from napari_segdiff.training.datasets import read_names
 from napari_segdiff.training.metrics import dice, instance_metrics
 
@@ -54,14 +55,13 @@ def main() -> None:
     data = Path(a.data)
     val = set(read_names(ROOT / "training/nuclei-he/val.txt"))
     names = sorted(p.stem for p in (data / "instances").glob("*.png"))
-    from napari_segdiff.models import load_model
-
-    sha = load_model(a.model, device="cpu").sha256[:12]  # maps of other weights of the same name are not reused
+    model = load_model(a.model, device="cpu")  # loaded once: segmenting, the oracle and the errors share it
+    sha = model.sha256[:12]  # maps of other weights of the same name are not reused
     cache = Path(a.cache or ROOT / f"bench_out/{Path(a.model).stem}{tag}_{sha}_maps.npz")
     maps = dict(np.load(cache)) if cache.exists() else {}
     for n in names:
         if n not in maps:
-            r = ns.segment(read_image(data / "images" / f"{n}.png"), a.model, seed=0, **sampling)
+            r = ns.segment(read_image(data / "images" / f"{n}.png"), model, seed=0, **sampling)
             maps[n] = r.probability
             if r.interior is not None:
                 maps[f"{n}/interior"] = r.interior
@@ -105,22 +105,20 @@ def main() -> None:
                 )
     if a.oracle:
         for part, keep in (("validation", lambda n: n in val), ("train (in-sample)", lambda n: n not in val)):
-            out += oracle_rows(a.model, part, list(filter(keep, names)), probs, interiors, gts)
+            out += oracle_rows(model, part, list(filter(keep, names)), probs, interiors, gts)
     if a.errors:
-        out += error_rows(a.model, names, val, probs, gts)
+        out += error_rows(model, names, val, probs, gts)
     if a.agreement:
-        out += agreement_rows(a.model, data, [n for n in names if n in val], gts, a.agreement)
+        out += agreement_rows(model, data, [n for n in names if n in val], gts, a.agreement)
     (ROOT / f"bench_out/instance_methods_{Path(a.model).stem}{tag}.json").write_text(json.dumps(out, indent=1))
 
 
 def oracle_rows(model, part, names, probs, interiors, gts) -> list[dict]:
     from napari_segdiff.engine import instance_settings, recommended_config
     from napari_segdiff.instances import object_interior
-    from napari_segdiff.models import load_model
 
-    mdl = load_model(model, device="cpu")
-    kw = instance_settings(mdl)
-    t = recommended_config(mdl).sampling.threshold  # the mask threshold segment() uses
+    kw = instance_settings(model)
+    t = recommended_config(model).sampling.threshold  # the mask threshold segment() uses
     out = []
     for mask_from in ("model", "annotation"):
         for seeds_from in ("model", "annotation"):
@@ -157,9 +155,8 @@ def error_rows(model, names, val, probs, gts) -> list[dict]:
     from skimage.measure import label
 
     from napari_segdiff.engine import recommended_config
-    from napari_segdiff.models import load_model
 
-    t = recommended_config(load_model(model, device="cpu")).sampling.threshold
+    t = recommended_config(model).sampling.threshold
     out = []
     for n in names:
         mask, gt = probs[n] > t, gts[n]

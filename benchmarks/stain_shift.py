@@ -3,7 +3,7 @@ are and shifted the two ways that differ most between sites:
 
 - ``restained``: each image given another held-out image's colours (the next one in ``--names``, cyclically:
   another organ, another tissue source site), by Reinhard colour transfer in Lab
-  (:func:`napari_segdiff.transforms.colour_transfer`), all the way;
+  (:func:`napari_segdiff.transforms.match_colours_uint8`), all the way;
 - ``scanner``: a softer optic and a harder compression, a Gaussian blur (sigma 1 px) then JPEG at quality 40.
 
     python benchmarks/stain_shift.py [--models nuclei-he,runs/x/model.pt] [--conditions as-is,restained,scanner]
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import warnings
 from pathlib import Path
@@ -26,9 +25,10 @@ import numpy as np
 from scipy import ndimage
 
 from napari_segdiff.models import load_model
+from napari_segdiff.training.augment import jpeg_roundtrip
 from napari_segdiff.training.datasets import load_dataset, read_names
 from napari_segdiff.training.evaluate import evaluate_items
-from napari_segdiff.transforms import colour_transfer, lab_stats
+from napari_segdiff.transforms import lab_stats, match_colours_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,23 +38,15 @@ def restained(images: list[np.ndarray]) -> list[np.ndarray]:
     if len(images) < 2:
         raise SystemExit("restained needs at least two images: each takes the next one's colours")
     stats = [lab_stats(im / 255.0) for im in images]
-    out = []
-    for k, im in enumerate(images):
-        with warnings.catch_warnings():  # Lab colours outside sRGB are clipped, as skimage warns
-            warnings.simplefilter("ignore", UserWarning)
-            moved = colour_transfer(im / 255.0, stats[k], stats[(k + 1) % len(images)])
-        out.append((moved * 255.0 + 0.5).astype(np.uint8))
-    return out
+    with warnings.catch_warnings():  # Lab colours outside sRGB are clipped, as skimage warns
+        warnings.simplefilter("ignore", UserWarning)
+        return [match_colours_uint8(im, stats[(k + 1) % len(images)]) for k, im in enumerate(images)]
 
 
 def scanner(image: np.ndarray, sigma: float = 1.0, quality: int = 40) -> np.ndarray:
     """A uint8 RGB image blurred (Gaussian, ``sigma`` px) and JPEG-compressed at ``quality``."""
-    from PIL import Image
-
     soft = ndimage.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0))
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(soft + 0.5, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return jpeg_roundtrip(soft, quality).astype(np.uint8)
 
 
 def shifted(items, condition: str):

@@ -4,8 +4,8 @@ checkpoint selection (the last state is the result); each run TAG gets OUT/TAG/r
 settings on top. The start is the shipped file, or the model file in the environment variable INIT (the
 experiments in the card started from the file that shipped before the third training step:
 `git show 81516f0:src/napari_segdiff/weights/nuclei-he.pt > runs/nuclei-he-fabf119.pt`, then
-INIT=runs/nuclei-he-fabf119.pt). The continue-training experiments (interior_masks.sh, stain_shift.sh) train
-and score them with continue_and_score.sh.
+INIT=runs/nuclei-he-fabf119.pt). The continue-training experiments (more_data.sh, interior_masks.sh,
+stain_shift.sh) train and score them with continue_and_score.sh.
 
     python training/nuclei-he/continue_recipes.py OUT STEPS TAG='{"key": value}' [TAG='{...}' ...]
 """

@@ -12,7 +12,7 @@ PY=${PYTHON:-.venv/bin/python}
 M=runs/moredata
 STEPS=${STEPS:-1200}
 "$PY" - "$M" "$STEPS" <<'PYEOF'
-import json, os, sys
+import os, sys
 from pathlib import Path
 out, steps = Path(sys.argv[1]), int(sys.argv[2])
 data = Path("../shared/data/monuseg/train").resolve()
@@ -21,8 +21,6 @@ A = ["TCGA-G2-A2EK-01A-02-TSB", "TCGA-NH-A8F7-01A-01-TS1", "TCGA-G9-6363-01Z-00-
 train23 = [p.stem for p in sorted((data / "images").glob("*.png")) if p.stem not in val]
 (out).mkdir(parents=True, exist_ok=True)
 (out / "B.txt").write_text("\n".join(n for n in val if n not in A) + "\n")
-recipe = json.load(open("training/nuclei-he/recipe-2ch.json"))
-recipe.pop("net", None)
 for tag, keep in {"c": train23, "x": train23 + A}.items():
     run = out / tag
     for sub in ("images", "masks", "instances"):
@@ -31,9 +29,7 @@ for tag, keep in {"c": train23, "x": train23 + A}.items():
             src, link = data / sub / f"{n}.png", run / "data" / sub / f"{n}.png"
             if src.exists() and not link.exists():
                 os.symlink(src, link)
-    recipe.update(data=str(run / "data"), val="none", out=str(run / "train"), max_steps=steps, lr=1e-4,
-                  warmup_steps=50, lr_decay_start=steps // 2, lr_min=1e-5, max_minutes=0, val_every=10**7,
-                  init="src/napari_segdiff/weights/nuclei-he.pt")
-    (run / "recipe.json").write_text(json.dumps(recipe, indent=2))
 PYEOF
+"$PY" training/nuclei-he/continue_recipes.py "$M" "$STEPS" c="{\"data\": \"$M/c/data\", \"val\": \"none\"}" \
+    x="{\"data\": \"$M/x/data\", \"val\": \"none\"}"
 bash training/nuclei-he/continue_and_score.sh "$M" "$M/B.txt" "c x" 1

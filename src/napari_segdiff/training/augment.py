@@ -182,16 +182,21 @@ def degrade(img: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np
         soft = ndimage.gaussian_filter(x, (1.0, 1.0, 0))
         x = x + rng.uniform(0.3, 1.0) * (x - soft)
     if aug.jpeg and rng.random() < aug.jpeg:
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(30, 91)))
-        x = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), np.float32)
+        x = jpeg_roundtrip(x, int(rng.integers(30, 91)))
     if aug.noise:
         x = x + rng.normal(0.0, rng.uniform(0, aug.noise), x.shape)
     return np.clip(x, 0.0, 255.0)
+
+
+def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
+    """img: (h, w, 3) in [0, 255], rounded to uint8, saved as JPEG at ``quality`` and read back (float32)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), np.float32)
 
 
 def _hue_shift(x: np.ndarray, h: float) -> np.ndarray:

@@ -222,7 +222,7 @@ def cmd_export(args) -> int:
                 f"with A in (0, 1); got --blend {args.blend:g} and --blend-base {args.blend_base or 'none'}"
             )
         base = load_model(args.blend_base, device="cpu")
-        base_state = {k: v.float() for k, v in base.net.state_dict().items()}
+        base_state = base.net.state_dict()
         meta["blend"] = {"share": args.blend, "base": base.name, "base_sha256": base.sha256}
     path, sha, half = export(
         args.run,

@@ -667,7 +667,13 @@ def blend_states(
     tuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor], blend: float
 ) -> dict[str, torch.Tensor]:
     """``blend * tuned + (1 - blend) * base`` for every floating-point tensor (weight-space ensembling of a
-    fine-tuned network with its base); other tensors (counters) are taken from ``tuned``."""
+    fine-tuned network with its base); other tensors (counters) are taken from ``tuned``. Networks of other
+    shapes are refused."""
+    if {k: tuple(v.shape) for k, v in tuned.items()} != {k: tuple(v.shape) for k, v in base.items()}:
+        raise SegDiffError(
+            "the model to blend with has another network than the run's; blend a run with the model it "
+            "started from (or one of the same preset and channels)"
+        )
     return {
         k: (blend * v.float() + (1 - blend) * base[k].float()).to(v.dtype) if v.is_floating_point() else v
         for k, v in tuned.items()
@@ -734,12 +740,6 @@ def export(
     if blend != 1.0:
         if base_state is None:
             raise ValueError("blend < 1 needs the base network's state")
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-        if shapes != {k: tuple(v.shape) for k, v in base_state.items()}:
-            raise SegDiffError(
-                "the model to blend with has another network than the run's; blend a run with the model it "
-                "started from (or one of the same preset and channels)"
-            )
         state = blend_states(state, base_state, blend)
     net.load_state_dict(state)
     net.eval()
